@@ -1,0 +1,1 @@
+"""The SpeechAlign loop: configs, data, run directories, stages and the CLI."""

@@ -1,0 +1,104 @@
+"""``speechalign``: thin entry points; each parses and calls one function that does the work."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "datasets", "numba", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_prepare(args) -> None:
+    from align.config import load_config
+    from align.run import Context, RunDir
+
+    cfg = load_config(args.config, args.set)
+    ctx = Context(cfg, RunDir(cfg))
+    splits = ctx.splits
+    logging.getLogger("speechalign").info("corpus ready: %d train, %d dev, %d test utterances; codec %s",
+                                          len(splits.train), len(splits.dev), len(splits.test), ctx.codec.identity)
+
+
+def cmd_run(args) -> None:
+    from align.config import load_config
+    from align.loop import run_loop
+    from eval.compare import compare_runs, to_markdown
+
+    cfg = load_config(args.config, args.set)
+    root = run_loop(cfg, only_stage=args.only_stage)
+    print(to_markdown(compare_runs([root])))
+
+
+def cmd_compare(args) -> None:
+    from eval.compare import compare_runs, to_markdown, write_comparison
+
+    rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else None
+    df = compare_runs(args.run_dirs, rounds)
+    print(to_markdown(df))
+    prefix = args.out or f"{args.run_dirs[0].rstrip('/')}/compare"
+    csv, md = write_comparison(df, prefix)
+    logging.getLogger("speechalign").info("wrote %s and %s", csv, md)
+
+
+def cmd_eval(args) -> None:
+    from eval.evaluate import evaluate_manifest
+
+    result = evaluate_manifest(args.policy, args.manifest, args.out, asr_name=args.asr, speaker_name=args.speaker,
+                               temperature=args.temperature, seed=args.seed, device=args.device)
+    print(f"WER {result['wer']:.4f}  SIM {result['sim']:.4f}  n={result['n']}  -> {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="speechalign", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build the embedded corpus and fit the codec for a config")
+    p.add_argument("config", nargs="?", default="configs/tiny.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("run", help="run or resume the alignment loop of a config")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. dpo.beta=0.2")
+    p.add_argument("--only-stage", choices=["base", "sample", "pair", "dpo", "evaluate"],
+                   help="re-run only this stage in every round (replaces its output)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("compare", help="per-round table of one or more runs (CSV + Markdown)")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--rounds", help="comma-separated rounds to keep, e.g. 0,3")
+    p.add_argument("--out", help="output prefix (default <first run>/compare)")
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("eval", help="evaluate any policy directory on any manifest")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--asr", default="pocketsphinx")
+    p.add_argument("--speaker", default="resemblyzer")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_eval)
+
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        args.fn(args)
+    except (ValueError, FloatingPointError) as e:
+        # Bad input or config: one clear line, no traceback (use -v for it).
+        if args.verbose:
+            raise
+        logging.getLogger("speechalign").error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""The embedded offline corpus: closed-vocabulary sentences spoken by flite voices.
+
+With no network there is no LibriTTS to download, so the package ships a corpus it can build from
+nothing: `generate_sentences` writes short English sentences from a small grammar, and
+`prepare_corpus` speaks them with Debian's `flite` (several voices = several speakers) into
+
+    out_dir/wav/<voice>/<voice>_<sentence>.wav
+    out_dir/train.jsonl  dev.jsonl  test.jsonl     # rows {id, audio, text, speaker, duration}
+    out_dir/corpus.json                            # config + counts; written last = "done"
+
+Dev and test sentences are spoken by every voice, so every speaker is evaluated; each train
+sentence by `voices_per_sentence` voices. Sentences are split test-first, then dev, then train, and
+generation is prefix-stable, so the dev/test sets do not move when `n_sentences` grows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from align.audio import is_silent_or_short, load_audio, save_audio
+from align.data import Utterance, atomic_write_text, write_manifest
+
+log = logging.getLogger("speechalign.corpus")
+
+# Voices Debian's flite ships. awb_time is left out: it is a limited-domain voice that only speaks
+# clock times. kal is 8 kHz (resampled like any other rate mismatch); the others are 16 kHz.
+FLITE_VOICES = ("slt", "awb", "rms", "kal16", "kal")
+
+# Fields that change what is on disk; `num_workers` only changes how fast it gets there.
+_IDENTITY_EXCLUDE = ("num_workers",)
+
+
+@dataclass
+class CorpusConfig:
+    """How to build the embedded flite corpus (see module docstring)."""
+
+    n_sentences: int = field(default=400, metadata={
+        "help": "distinct sentences in all, dev and test included; >= 300 for real runs, a handful for tests"})
+    n_dev_sentences: int = field(default=20, metadata={
+        "help": "sentences held out for dev (spoken by every voice), never seen in train"})
+    n_test_sentences: int = field(default=40, metadata={
+        "help": "sentences held out for test (spoken by every voice), never seen in train or dev"})
+    voices: list[str] = field(default_factory=lambda: ["slt", "awb", "rms", "kal16"], metadata={
+        "help": f"flite voices, one speaker each; available: {', '.join(FLITE_VOICES)}"})
+    voices_per_sentence: int = field(default=2, metadata={
+        "help": "voices that speak each train sentence (dev/test sentences get all voices); more = more "
+                "audio per sentence, fewer = more sentences per hour"})
+    sample_rate: int = field(default=16000, metadata={
+        "help": "sample rate of the written wavs in Hz; voices at another native rate are resampled"})
+    seed: int = field(default=0, metadata={"help": "seed for sentence generation and voice assignment"})
+    trim_silence: bool = field(default=True, metadata={
+        "help": "trim flite's ~0.2 s leading / ~0.1 s trailing silence, keeping 50 ms each side"})
+    num_workers: int = field(default=2, metadata={
+        "help": "flite processes run at once; does not change the output (not part of the corpus identity)"})
+
+    def __post_init__(self):
+        for key in ("n_sentences", "n_dev_sentences", "n_test_sentences", "voices_per_sentence",
+                    "sample_rate", "seed", "num_workers"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"corpus.{key}={value!r} must be an integer")
+        if self.n_dev_sentences < 1 or self.n_test_sentences < 1:
+            raise ValueError(
+                f"corpus.n_dev_sentences={self.n_dev_sentences} and corpus.n_test_sentences="
+                f"{self.n_test_sentences} must both be >= 1: empty dev/test manifests cannot be evaluated")
+        if self.n_sentences <= self.n_dev_sentences + self.n_test_sentences:
+            raise ValueError(
+                f"corpus.n_sentences={self.n_sentences} leaves no train sentence after "
+                f"{self.n_dev_sentences} dev + {self.n_test_sentences} test; raise n_sentences above "
+                f"{self.n_dev_sentences + self.n_test_sentences} (>= 300 for a real run)")
+        if isinstance(self.voices, str):
+            raise ValueError(f"corpus.voices={self.voices!r} must be a list of voice names, e.g. [slt, awb]")
+        self.voices = list(self.voices)
+        if not self.voices:
+            raise ValueError(f"corpus.voices is empty; pick from {', '.join(FLITE_VOICES)}")
+        unknown = [v for v in self.voices if v not in FLITE_VOICES]
+        if unknown:
+            raise ValueError(
+                f"corpus.voices has unknown voice(s) {', '.join(map(repr, unknown))}; available: "
+                f"{', '.join(FLITE_VOICES)}")
+        if len(set(self.voices)) != len(self.voices):
+            raise ValueError(f"corpus.voices={self.voices} repeats a voice; list each voice once")
+        if not 1 <= self.voices_per_sentence <= len(self.voices):
+            raise ValueError(
+                f"corpus.voices_per_sentence={self.voices_per_sentence} must be between 1 and the number "
+                f"of voices ({len(self.voices)})")
+        if not 8000 <= self.sample_rate <= 48000:
+            raise ValueError(f"corpus.sample_rate={self.sample_rate} must be between 8000 and 48000 Hz (16000 "
+                             "is what the codecs expect)")
+        if not isinstance(self.trim_silence, bool):
+            raise ValueError(f"corpus.trim_silence={self.trim_silence!r} must be true or false")
+        if self.num_workers < 1:
+            raise ValueError(f"corpus.num_workers={self.num_workers} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CorpusConfig":
+        """Build from a YAML mapping; unknown keys raise ValueError listing the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown corpus key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def identity(self) -> dict:
+        """The fields that decide what the corpus holds (compared to reuse a finished build)."""
+        return {k: v for k, v in asdict(self).items() if k not in _IDENTITY_EXCLUDE}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sentences: a closed-vocabulary grammar (~300 words) of easy, unambiguous English. Small on
+# purpose: a small policy model and an ASR judge should both cope. Common words in US spelling, so
+# flite reads them from its lexicon rather than guessing from letters.
+
+_NAMES = ("anna", "ben", "clara", "david", "emma", "frank", "grace", "henry", "lucy", "mark", "nina",
+          "oscar", "paul", "rosa", "sam", "tom", "sarah", "peter")
+_RELATIVES = ("mother", "father", "sister", "brother", "friend", "teacher", "uncle", "aunt",
+              "neighbor", "grandmother", "grandfather", "cousin")
+# (singular, plural)
+_ANIMALS = (("dog", "dogs"), ("cat", "cats"), ("bird", "birds"), ("horse", "horses"), ("cow", "cows"),
+            ("duck", "ducks"), ("frog", "frogs"), ("sheep", "sheep"), ("pig", "pigs"), ("goat", "goats"),
+            ("rabbit", "rabbits"), ("mouse", "mice"), ("fox", "foxes"), ("chicken", "chickens"),
+            ("lion", "lions"), ("bear", "bears"))
+_THINGS = (("ball", "balls"), ("book", "books"), ("cup", "cups"), ("box", "boxes"), ("hat", "hats"),
+           ("car", "cars"), ("bike", "bikes"), ("boat", "boats"), ("kite", "kites"), ("lamp", "lamps"),
+           ("bag", "bags"), ("key", "keys"), ("shoe", "shoes"), ("coat", "coats"), ("clock", "clocks"),
+           ("bell", "bells"), ("pen", "pens"), ("cake", "cakes"), ("apple", "apples"), ("egg", "eggs"),
+           ("basket", "baskets"), ("bottle", "bottles"), ("letter", "letters"), ("blanket", "blankets"),
+           ("candle", "candles"), ("plate", "plates"), ("spoon", "spoons"), ("flower", "flowers"),
+           ("stone", "stones"), ("shirt", "shirts"), ("ticket", "tickets"), ("pillow", "pillows"))
+_PLACES = ("park", "school", "garden", "beach", "market", "farm", "river", "lake", "forest", "village",
+           "city", "library", "kitchen", "station", "hill", "bridge", "shop", "house", "field", "harbor",
+           "museum", "castle", "zoo")
+_FURNITURE = ("table", "chair", "bed", "shelf", "desk", "sofa", "floor", "window", "door", "wall",
+              "counter", "bench")
+_ADJECTIVES = ("big", "small", "old", "new", "little", "happy", "quiet", "warm", "cold", "soft",
+               "heavy", "clean", "tall", "round", "bright", "dark", "funny", "pretty", "tiny", "huge",
+               "lazy", "sleepy", "friendly", "gentle", "lovely")
+_COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink", "purple", "grey",
+            "orange", "golden", "silver")
+_NUMBERS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+# (base, past) transitive verbs that take a thing as object.
+_VERBS = (("see", "saw"), ("find", "found"), ("carry", "carried"), ("paint", "painted"), ("wash", "washed"),
+          ("buy", "bought"), ("bring", "brought"), ("take", "took"), ("hold", "held"), ("move", "moved"),
+          ("clean", "cleaned"), ("drop", "dropped"), ("throw", "threw"), ("catch", "caught"),
+          ("sell", "sold"), ("keep", "kept"), ("fix", "fixed"), ("pull", "pulled"), ("push", "pushed"),
+          ("draw", "drew"), ("hide", "hid"), ("make", "made"), ("lose", "lost"), ("borrow", "borrowed"))
+_MOTION_PAST = ("walked", "ran", "went", "hurried", "came back", "raced")  # animals and people
+_DROVE = ("drove", "rode", "cycled")  # people only
+_ANIMAL_ACTS = ("played", "slept", "waited", "sat", "stood", "rested", "ate")
+_PREPOSITIONS = ("on", "under", "near", "behind", "beside")
+_PAST_TIMES = ("yesterday", "last night", "this morning", "last week", "on monday", "on tuesday",
+               "on wednesday", "on thursday", "on friday", "on saturday", "on sunday", "in the evening")
+_FUTURE_TIMES = ("tomorrow", "tonight", "next week", "next month", "on monday", "on friday",
+                 "on sunday", "after lunch", "before dinner", "in the morning")
+_FOODS = ("bread", "soup", "rice", "cheese", "pasta", "salad", "fish", "chicken", "pancakes", "noodles",
+          "potatoes", "carrots", "pie")
+_MEALS = ("breakfast", "lunch", "dinner")
+_PLACE_ADJ = ("busy", "quiet", "crowded", "empty", "beautiful", "noisy", "warm", "cold")
+_DEGREE = ("very", "quite", "always", "often")
+_LIKES = ("likes", "loves", "wants", "needs", "found", "painted", "liked", "bought")
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _sentence(rng: random.Random) -> str:
+    c = rng.choice
+    template = rng.randrange(15)
+    if template == 0:
+        s = f"the {c(_ADJECTIVES)} {c(_ANIMALS)[0]} {c(_MOTION_PAST)} to the {c(_PLACES)}"
+    elif template == 1:
+        s = f"{c(_NAMES)} has {c(_NUMBERS)} {c(_COLOURS)} {c(_THINGS)[1]}"
+    elif template == 2:
+        s = f"{c(_NAMES)} will {c(_VERBS)[0]} the {c(_ADJECTIVES)} {c(_THINGS)[0]} {c(_FUTURE_TIMES)}"
+    elif template == 3:
+        s = f"my {c(_RELATIVES)} {c(_LIKES)} the {c(_COLOURS)} {c(_THINGS)[0]}"
+    elif template == 4:
+        s = f"there are {c(_NUMBERS)} {c(_ANIMALS)[1]} {c(('in', 'near'))} the {c(_PLACES)}"
+    elif template == 5:
+        s = f"please put the {c(_THINGS)[0]} {c(_PREPOSITIONS)} the {c(_FURNITURE)}"
+    elif template == 6:
+        s = f"the {c(_THINGS)[0]} on the {c(_FURNITURE)} is {c(_ADJECTIVES)}"
+    elif template == 7:
+        adj = c(_ADJECTIVES + _COLOURS)
+        s = f"{c(_NAMES)} {c(_VERBS)[1]} {_a(adj)} {adj} {c(_THINGS)[0]} {c(_PAST_TIMES)}"
+    elif template == 8:
+        s = f"we saw {c(_NUMBERS)} {c(_ADJECTIVES)} {c(_ANIMALS)[1]} at the {c(_PLACES)}"
+    elif template == 9:
+        a, b = rng.sample(_NAMES, 2)
+        s = f"{a} and {b} {c(_MOTION_PAST + _DROVE)} to the {c(_PLACES)} {c(_PAST_TIMES)}"
+    elif template == 10:
+        s = f"the {c(_PLACES)} is {c(_DEGREE)} {c(_PLACE_ADJ)} {c(('today', 'at night', 'in summer', 'in winter'))}"
+    elif template == 11:
+        s = f"my {c(_RELATIVES)} made {c(_FOODS)} for {c(_MEALS)}"
+    elif template == 12:
+        s = f"where did {c(_NAMES)} put the {c(_COLOURS)} {c(_THINGS)[0]}"
+    elif template == 13:
+        s = f"the {c(_COLOURS)} {c(_THINGS)[0]} is {c(_PREPOSITIONS)} the {c(_FURNITURE)}"
+    else:
+        s = f"{c(_NUMBERS)} {c(_ADJECTIVES)} {c(_ANIMALS)[1]} {c(_ANIMAL_ACTS)} in the {c(_PLACES)}"
+    return s
+
+
+def generate_sentences(n: int, seed: int) -> list[str]:
+    """`n` distinct lowercase sentences of 4-9 words, no digits or punctuation, deterministic.
+
+    Prefix-stable: generate_sentences(n + k, seed)[:n] == generate_sentences(n, seed). The grammar
+    has millions of sentences, so any n up to tens of thousands is reachable.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n={n!r} must be a non-negative int")
+    rng = random.Random(f"speechalign-corpus-{seed}")
+    out: list[str] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise ValueError(f"could not draw {n} distinct sentences (got {len(out)}); ask for fewer")
+        s = _sentence(rng)
+        # Every template is built to 4-9 words; the check guards future edits of the word lists.
+        if s not in seen and 4 <= len(s.split()) <= 9:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthesis
+
+_TRIM_KEEP_S = 0.05  # keep a little silence: codecs and ASR clip hard onsets that start at sample 0
+
+
+def trim_silence(wav: np.ndarray, sample_rate: int, keep_s: float = _TRIM_KEEP_S) -> np.ndarray:
+    """Cut leading/trailing silence from a float `[n_samples]` waveform, keeping `keep_s` each side.
+
+    Silence is relative to the clip's own noise floor (the quiet 5 % of 10 ms frames): the diphone
+    voices (awb, kal16) have a floor near -50 dB, slt/rms near -70 dB, so a fixed level would either
+    keep awb's silence or clip slt's soft onsets.
+    """
+    frame = max(1, int(0.01 * sample_rate))
+    n = len(wav) // frame
+    if n < 5:
+        return wav
+    power = (wav[: n * frame].astype(np.float64).reshape(n, frame) ** 2).mean(axis=1)
+    # 3-frame smoothing so a lone noise spike does not count as speech.
+    power = np.convolve(power, np.ones(3) / 3, mode="same")
+    db = 10 * np.log10(power + 1e-12)
+    peak = db.max()
+    threshold = max(np.percentile(db, 5) + 8.0, peak - 50.0)
+    loud = np.flatnonzero(db > threshold)
+    if loud.size == 0:
+        return wav
+    keep = int(keep_s * sample_rate)
+    start = max(0, loud[0] * frame - keep)
+    end = min(len(wav), (loud[-1] + 1) * frame + keep)
+    return wav[start:end]
+
+
+def _check_flite() -> str:
+    exe = shutil.which("flite")
+    if exe is None:
+        raise RuntimeError("`flite` is not installed or not on PATH; the embedded corpus needs it: "
+                           "apt-get install flite")
+    return exe
+
+
+def _installed_voices(exe: str) -> set[str]:
+    out = subprocess.run([exe, "-lv"], capture_output=True, text=True, timeout=30).stdout
+    # "Voices available: kal awb_time kal16 awb rms slt"
+    return set(out.split(":", 1)[-1].split())
+
+
+def _synthesise(exe: str, voice: str, text: str, out_path: Path, sample_rate: int, trim: bool) -> None:
+    """Speak `text` with `voice` into `out_path` (16-bit WAV at `sample_rate`), atomically."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, raw = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.stem}.", suffix=".flite.wav")
+    os.close(fd)
+    try:
+        proc = subprocess.run([exe, "-voice", voice, "-t", text, "-o", raw], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"flite -voice {voice} failed on {text!r} (exit {proc.returncode}): "
+                               f"{proc.stderr.strip() or proc.stdout.strip()}; check `flite -lv` lists {voice}")
+        wav = load_audio(raw, sample_rate)  # resamples voices whose native rate differs (kal: 8 kHz)
+        if trim:
+            wav = trim_silence(wav, sample_rate)
+        if is_silent_or_short(wav, sample_rate):
+            raise RuntimeError(f"flite voice {voice} produced silence for {text!r}; the voice is broken, "
+                               "drop it from corpus.voices or reinstall flite")
+        save_audio(out_path, wav, sample_rate)
+    finally:
+        Path(raw).unlink(missing_ok=True)
+
+
+def _check_voices(exe: str, cfg: CorpusConfig) -> None:
+    installed = _installed_voices(exe)
+    missing = [v for v in cfg.voices if v not in installed]
+    if missing:
+        raise RuntimeError(f"flite lacks voice(s) {', '.join(missing)} (it has: {', '.join(sorted(installed))}); "
+                           "install the full Debian flite package or drop them from corpus.voices")
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in cfg.voices:
+            _synthesise(exe, v, "hello there", Path(tmp) / f"{v}.wav", cfg.sample_rate, cfg.trim_silence)
+
+
+def _plan(cfg: CorpusConfig) -> dict[str, list[tuple[str, str, str]]]:
+    """{split: [(utt_id, voice, text)]}: test sentences first, then dev, then train (prefix-stable)."""
+    sentences = generate_sentences(cfg.n_sentences, cfg.seed)
+    width = max(4, len(str(cfg.n_sentences - 1)))
+    n_test, n_dev = cfg.n_test_sentences, cfg.n_dev_sentences
+    # Each train sentence gets one voice combination, cycling through all of them in a seeded order:
+    # every voice speaks the same number of train sentences (+-1), and every voice pair co-occurs.
+    combos = list(itertools.combinations(cfg.voices, cfg.voices_per_sentence))
+    random.Random(f"speechalign-voices-{cfg.seed}").shuffle(combos)
+    plan: dict[str, list[tuple[str, str, str]]] = {"train": [], "dev": [], "test": []}
+    for i, text in enumerate(sentences):
+        if i < n_test:
+            split, voices = "test", cfg.voices
+        elif i < n_test + n_dev:
+            split, voices = "dev", cfg.voices
+        else:
+            split, voices = "train", combos[(i - n_test - n_dev) % len(combos)]
+        for v in voices:
+            plan[split].append((f"{v}_{i:0{width}d}", v, text))
+    return plan
+
+
+def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Synthesise the corpus into `out_dir` and write its manifests.
+
+    Idempotent: returns at once when `out_dir/corpus.json` records the same config. A killed run
+    resumes: each wav is written atomically, so an existing wav is finished and is not redone.
+    Returns {"train", "dev", "test": manifest paths, "corpus": corpus.json path}.
+    Raises RuntimeError if flite or a voice is missing/broken; ValueError if `out_dir` holds a
+    corpus (finished or not) built with a different config.
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    paths = {s: out_dir / f"{s}.jsonl" for s in ("train", "dev", "test")}
+    paths["corpus"] = out_dir / "corpus.json"
+    pending = out_dir / ".corpus.pending.json"
+    identity = cfg.identity()
+    for marker in (paths["corpus"], pending):
+        if marker.is_file():
+            stored = json.loads(marker.read_text(encoding="utf-8")).get("config", {})
+            stored = {k: v for k, v in stored.items() if k not in _IDENTITY_EXCLUDE}
+            if stored != identity:
+                diff = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+                raise ValueError(
+                    f"{out_dir} holds a corpus built with another config (differs in: {', '.join(diff)}); "
+                    "pass a new out_dir, or delete this one to rebuild")
+    if paths["corpus"].is_file() and all(paths[s].is_file() for s in ("train", "dev", "test")):
+        log.info("corpus at %s is already prepared", out_dir)
+        return paths
+
+    exe = _check_flite()
+    _check_voices(exe, cfg)
+    # Recorded before any wav is written, so a resumed run with a changed config is refused above
+    # instead of mixing wavs from two configs.
+    atomic_write_text(pending, json.dumps({"config": asdict(cfg)}, indent=2) + "\n")
+
+    t0 = time.monotonic()
+    # A killed run can leave flite's raw output and save_audio's temp files behind; both are hidden
+    # names that no finished wav has.
+    for stale in itertools.chain((out_dir / "wav").glob("*/.*.flite.wav"), (out_dir / "wav").glob("*/.*.tmp")):
+        stale.unlink(missing_ok=True)
+    plan = _plan(cfg)
+    wav_path = lambda uid, voice: out_dir / "wav" / voice / f"{uid}.wav"  # noqa: E731
+    todo = [(uid, v, text) for rows in plan.values() for uid, v, text in rows if not wav_path(uid, v).is_file()]
+    total = sum(len(rows) for rows in plan.values())
+    log.info("synthesising %d of %d utterances with flite (%d workers) into %s",
+             len(todo), total, cfg.num_workers, out_dir)
+    # Threads, not processes: the work happens in the flite subprocess (and in numpy/libsndfile,
+    # which release the GIL), and forking a parent that may hold torch state is asking for trouble.
+    with ThreadPoolExecutor(max_workers=cfg.num_workers) as pool:
+        futures = {pool.submit(_synthesise, exe, v, text, wav_path(uid, v), cfg.sample_rate, cfg.trim_silence): uid
+                   for uid, v, text in todo}
+        try:
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="flite corpus", unit="utt",
+                            disable=not todo):
+                fut.result()  # re-raises a worker's error with its message
+        except BaseException:
+            # Without this the pool would finish every queued utterance before the error surfaces.
+            for fut in futures:
+                fut.cancel()
+            raise
+
+    counts: dict[str, dict] = {}
+    for split, rows in plan.items():
+        utts = []
+        for uid, v, text in rows:
+            p = wav_path(uid, v)
+            info = sf.info(str(p))
+            utts.append(Utterance(uid, str(p), text, speaker=v, duration=info.frames / info.samplerate))
+        write_manifest(paths[split], utts)
+        counts[split] = {
+            "sentences": len({u.text for u in utts}),
+            "utterances": len(utts),
+            "hours": round(sum(u.duration for u in utts) / 3600, 4),
+        }
+    summary = {
+        "config": asdict(cfg),
+        "counts": counts,
+        "total": {"utterances": sum(c["utterances"] for c in counts.values()),
+                  "hours": round(sum(c["hours"] for c in counts.values()), 4)},
+        "speakers": list(cfg.voices),
+        "manifests": {s: paths[s].name for s in ("train", "dev", "test")},
+        "seconds_to_prepare": round(time.monotonic() - t0, 1),
+    }
+    atomic_write_text(paths["corpus"], json.dumps(summary, indent=2) + "\n")  # last: marks the corpus done
+    pending.unlink(missing_ok=True)
+    log.info("corpus ready at %s: %d utterances, %.2f h (%s)", out_dir, summary["total"]["utterances"],
+             summary["total"]["hours"],
+             ", ".join(f"{s} {c['utterances']}" for s, c in counts.items()))
+    return paths

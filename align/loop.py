@@ -1,0 +1,103 @@
+"""The SpeechAlign loop, top to bottom.
+
+    round 0:        base (train or copy the starting policy) -> evaluate
+    round k >= 1:   sample -> pair -> dpo -> evaluate          (round k-1's policy is the reference)
+
+After every finished round, ``metrics.jsonl`` is rebuilt from the rounds' own summary files, so it
+never holds a duplicate row after a resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from align import stages
+from align.base import run_base_stage
+from align.config import RunConfig
+from align.run import Context, RunDir, seed_everything, write_jsonl
+
+log = logging.getLogger("speechalign")
+
+ROUND_STAGES = ("sample", "pair", "dpo", "evaluate")
+STAGE_FNS = {"sample": stages.sample, "pair": stages.pair, "dpo": stages.dpo, "evaluate": stages.evaluate}
+
+
+def _base(ctx: Context, k: int) -> dict:
+    assert k == 0
+    out = ctx.run.policy_dir(0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats = run_base_stage(ctx, out)
+    (ctx.run.round_dir(0) / "base.json").write_text(json.dumps(stats, indent=2, default=str))
+    return stats
+
+
+ROUND0_STAGES = {"base": _base, "evaluate": stages.evaluate}
+
+
+def run_loop(cfg: RunConfig, only_stage: str | None = None, stop_after: str | None = None) -> Path:
+    """Run (or resume) a whole run; returns its directory.
+
+    only_stage: re-run just this stage of every round that reaches it (its output is replaced).
+    stop_after: "k:stage" — stop once that stage is done (used by tests to simulate a crash).
+    """
+    run = RunDir(cfg)
+    ctx = Context(cfg, run)
+    log.info("run %s: %d rounds, device %s", run.root, cfg.rounds, ctx.device)
+    plan = [(0, name, fn) for name, fn in ROUND0_STAGES.items()]
+    plan += [(k, name, STAGE_FNS[name]) for k in range(1, cfg.rounds + 1) for name in ROUND_STAGES]
+    for k, name, fn in plan:
+        if only_stage is not None and name != only_stage:
+            continue
+        if run.done(k, name) and only_stage is None:
+            continue
+        # Each stage seeds from (run seed, round, stage) alone, so a resumed stage draws the same numbers.
+        seed_everything(cfg.seed * 7919 + k * 101 + sorted(STAGE_FNS).index(name) if name in STAGE_FNS else cfg.seed)
+        log.info("round %d: %s", k, name)
+        t0 = time.time()
+        fn(ctx, k)
+        run.mark_done(k, name, time.time() - t0)
+        if name == "evaluate":
+            write_metrics(run)
+        if stop_after == f"{k}:{name}":
+            log.info("stopping after %s as asked", stop_after)
+            return run.root
+    write_metrics(run)
+    return run.root
+
+
+def round_row(run: RunDir, k: int) -> dict | None:
+    """One metrics row: eval summary + DPO/pair/sample stats + wall time per stage."""
+    summary_path = run.round_dir(k) / "eval" / "summary.json"
+    if not summary_path.exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    row = {"round": k, "wer": summary["wer"], "sim": summary["sim"], "n_eval": summary["n"],
+           "empty_outputs": summary.get("empty_outputs", 0), "mean_duration": summary.get("mean_duration")}
+    dpo_path = run.round_dir(k) / "dpo" / "metrics.json"
+    if dpo_path.exists():
+        d = json.loads(dpo_path.read_text())["summary"]
+        row.update({"dpo_loss": d["loss"], "reward_accuracy": d["reward_accuracy"],
+                    "reward_margin": d["reward_margin"], "pairs": d["pairs"]})
+    for part in ("samples", "pairs"):
+        p = run.round_dir(k) / part / "stats.json"
+        if p.exists():
+            stats = json.loads(p.read_text())
+            if part == "pairs":
+                row["mean_token_distance"] = stats["mean_token_distance"]
+            else:
+                row["sample_tokens_per_second"] = stats["tokens_per_second"]
+    row["seconds"] = run.stage_seconds(k)
+    return row
+
+
+def write_metrics(run: RunDir) -> None:
+    rows = []
+    k = 0
+    while run.round_dir(k).exists():
+        row = round_row(run, k)
+        if row is not None:
+            rows.append(row)
+        k += 1
+    write_jsonl(run.root / "metrics.jsonl", rows)

@@ -1,0 +1,245 @@
+"""The run directory and the shared context every stage reads.
+
+    runs/<name>/config.yaml  state.json  metrics.jsonl  log.txt  skipped.jsonl
+    runs/<name>/round_000/policy/ eval/                 # the base stage's model and its baseline
+    runs/<name>/round_001/samples/ pairs/ dpo/ eval/ policy/
+
+``state.json`` records which (round, stage) pairs are done, written atomically after each stage,
+so a killed run resumes at the first unfinished stage. Stages write into temp folders and rename,
+so a half-written stage leaves nothing a resume could mistake for output.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from align.config import RunConfig, config_to_dict
+from align.data import Skip, Utterance, atomic_write_text, choose_prompt, load_any
+from models.codec import Codec, build_codec, load_codec
+
+log = logging.getLogger("speechalign")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is visible; use device=cpu or auto")
+    return device
+
+
+class RunDir:
+    """Paths and bookkeeping of one run directory."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.root = cfg.run_dir
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._check_config()
+        self._attach_log()
+
+    def _check_config(self) -> None:
+        """Resume only with the same config: a different one would mix two experiments in one folder."""
+        path = self.root / "config.yaml"
+        current = config_to_dict(self.cfg)
+        if path.exists():
+            saved = yaml.safe_load(path.read_text())
+            diff = _diff(saved, current)
+            if diff:
+                raise ValueError(
+                    f"{self.root} holds a run with a different config ({', '.join(diff[:6])}); resume with the same "
+                    f"config, or start a new run with --set name=<new name>")
+        else:
+            atomic_write_text(path, yaml.safe_dump(current, sort_keys=False))
+
+    def _attach_log(self) -> None:
+        logger = logging.getLogger("speechalign")
+        target = str((self.root / "log.txt").resolve())
+        if not any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
+            handler = logging.FileHandler(target)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    def state(self) -> dict:
+        if self.state_path.exists():
+            return json.loads(self.state_path.read_text())
+        return {"done": {}}
+
+    def done(self, k: int, stage: str) -> bool:
+        return stage in self.state()["done"].get(str(k), {})
+
+    def mark_done(self, k: int, stage: str, seconds: float) -> None:
+        state = self.state()
+        state["done"].setdefault(str(k), {})[stage] = {"seconds": round(seconds, 2), "finished": time.time()}
+        write_json(self.state_path, state)
+
+    def stage_seconds(self, k: int) -> dict[str, float]:
+        return {s: v["seconds"] for s, v in self.state()["done"].get(str(k), {}).items()}
+
+    # -- paths -----------------------------------------------------------------------------------
+    def round_dir(self, k: int) -> Path:
+        return self.root / f"round_{k:03d}"
+
+    def policy_dir(self, k: int) -> Path:
+        return self.round_dir(k) / "policy"
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Splits:
+    train: list[Utterance]
+    dev: list[Utterance]
+    test: list[Utterance]
+    skipped: list[Skip] = field(default_factory=list)
+
+
+class Context:
+    """What every stage needs: config, run directory, data splits, codec and cached golden tokens.
+
+    Everything is built lazily and at most once, so a resumed run pays only for what it uses.
+    """
+
+    def __init__(self, cfg: RunConfig, run: RunDir):
+        self.cfg = cfg
+        self.run = run
+        self.device = resolve_device(cfg.device)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+
+    # -- data ------------------------------------------------------------------------------------
+    @cached_property
+    def splits(self) -> Splits:
+        cfg = self.cfg
+        if cfg.data.source == "embedded":
+            from align.corpus import prepare_corpus
+
+            tag = hashlib.sha1(json.dumps(cfg.corpus.identity(), sort_keys=True).encode()).hexdigest()[:10]
+            paths = prepare_corpus(cfg.corpus, Path(cfg.data.corpus_dir) / f"flite-{tag}")
+            sources = {"train": paths["train"], "dev": paths["dev"], "test": paths["test"]}
+        else:
+            sources = {"train": cfg.data.train, "dev": cfg.data.dev, "test": cfg.data.test}
+        out, skipped = {}, []
+        for split, src in sources.items():
+            if src is None:
+                out[split] = []
+                continue
+            utts, skips = load_any(src)
+            keep = []
+            for u in utts:
+                if u.duration is not None and u.duration > cfg.data.max_seconds:
+                    skips.append(Skip(u.id, f"{u.duration:.1f} s > data.max_seconds={cfg.data.max_seconds}"))
+                else:
+                    keep.append(u)
+            out[split] = keep
+            skipped += [Skip(s.id, f"{split}: {s.reason}") for s in skips]
+        if cfg.data.max_train_utterances:
+            rng = random.Random(cfg.seed)
+            train = sorted(out["train"], key=lambda u: u.id)
+            rng.shuffle(train)
+            out["train"] = sorted(train[: cfg.data.max_train_utterances], key=lambda u: u.id)
+        if skipped:
+            write_jsonl(self.run.root / "skipped.jsonl", [s.__dict__ for s in skipped])
+            log.warning("%d utterances skipped (see %s)", len(skipped), self.run.root / "skipped.jsonl")
+        for split in ("train", "test"):
+            if not out[split]:
+                raise ValueError(f"the {split} split is empty after skipping bad rows; see {self.run.root}/skipped.jsonl")
+        return Splits(out["train"], out["dev"], out["test"], skipped)
+
+    def prompt_for(self, utt: Utterance, pool: list[Utterance], salt: int = 0) -> Utterance:
+        """A different utterance of the same speaker as the voice prompt (deterministic)."""
+        return choose_prompt(utt, pool, self.cfg.seed + salt)
+
+    # -- codec -----------------------------------------------------------------------------------
+    @cached_property
+    def codec(self) -> Codec:
+        """The run's codec: fitted once per (codec config, training audio) and cached in cache_dir."""
+        cfg = self.cfg
+        if cfg.policy.pretrained:
+            return load_codec(Path(cfg.policy.pretrained) / "codec")
+        key = hashlib.sha1(json.dumps({"codec": config_to_dict(cfg)["codec"],
+                                       "train": [u.audio for u in self.splits.train]}).encode()).hexdigest()[:16]
+        path = Path(cfg.cache_dir) / "codecs" / key
+        if (path / "codec.json").exists():
+            return load_codec(path)
+        fit_wavs = None
+        if cfg.codec.backend == "mel_rvq":
+            from tqdm import tqdm
+
+            fit_wavs = [self.load_wav(u) for u in tqdm(self.splits.train, desc="codec fit audio", leave=False)]
+        log.info("fitting/building the %s codec (cached in %s)", cfg.codec.backend, path)
+        codec = build_codec(cfg.codec, fit_wavs)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        codec.save(tmp)
+        if path.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(path)
+        return codec
+
+    def load_wav(self, utt: Utterance) -> np.ndarray:
+        from align.audio import load_audio
+
+        return load_audio(utt.audio, self.codec.sample_rate if "codec" in self.__dict__ else self._codec_rate(),
+                          self.cfg.data.max_seconds)
+
+    def _codec_rate(self) -> int:
+        return 24000 if self.cfg.codec.backend == "encodec" else self.cfg.codec.sample_rate
+
+    def codes(self, utt: Utterance) -> torch.LongTensor:
+        """Golden codes of an utterance: LongTensor [n_q, T], encoded once per (codec, audio file)."""
+        codec = self.codec
+        st = os.stat(utt.audio)
+        key = hashlib.sha1(f"{os.path.abspath(utt.audio)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        path = Path(self.cfg.cache_dir) / "codes" / codec.identity / key[:2] / f"{key}.npy"
+        if path.exists():
+            return torch.from_numpy(np.load(path).astype(np.int64))
+        codes = codec.encode(self.load_wav(utt))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+        np.save(tmp, codes.numpy().astype(np.int16 if codec.codebook_size < 32768 else np.int32))
+        os.replace(tmp, path)
+        return codes

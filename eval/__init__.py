@@ -1,0 +1,1 @@
+"""Evaluation: ASR/WER, speaker similarity, quality and round comparison."""

@@ -1,0 +1,1 @@
+"""Codecs, codec language models and their building blocks."""

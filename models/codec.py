@@ -1,0 +1,297 @@
+"""Audio codecs: waveform <-> discrete tokens ``[n_q, T]``.
+
+One interface, two backends:
+
+* ``mel_rvq`` (the embedded default): a residual vector quantiser over log-mel frames whose
+  codebooks are fitted by k-means on the training corpus, decoded by mel pseudo-inversion and
+  Griffin-Lim. It needs no download and no GPU, fits in a minute, and its first codebook is a
+  phone-like spectral cluster, which is what the AR policy has to predict.
+* ``encodec`` (the ``encodec`` package's 24 kHz SEANet + RVQ model): pretrained weights from a
+  local checkpoint; random weights only in tests.
+
+Every codec carries an ``identity`` string: golden tokens are cached per (identity, audio file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("speechalign.codec")
+
+
+@dataclass
+class CodecConfig:
+    """Which codec turns audio into tokens, and its shape."""
+
+    backend: Literal["mel_rvq", "encodec"] = field(default="mel_rvq", metadata={
+        "help": "mel_rvq: embedded k-means RVQ over log-mel (no download); encodec: the encodec package's model"})
+    sample_rate: int = field(default=16000, metadata={"help": "mel_rvq: audio rate in Hz (encodec is fixed at 24000)"})
+    n_fft: int = field(default=1024, metadata={"help": "mel_rvq: STFT size"})
+    hop_length: int = field(default=256, metadata={
+        "help": "mel_rvq: samples per token frame (256 at 16 kHz = 62.5 Hz)"})
+    n_mels: int = field(default=80, metadata={"help": "mel_rvq: mel bands quantised per frame"})
+    n_q: int = field(default=4, metadata={
+        "help": "mel_rvq: residual codebooks; the AR policy predicts the first, the NAR model the rest"})
+    codebook_size: int = field(default=256, metadata={"help": "mel_rvq: entries per codebook"})
+    fit_max_frames: int = field(default=60000, metadata={
+        "help": "mel_rvq: frames sampled from the training audio for k-means (more = slower fit, little gain)"})
+    griffin_lim_iters: int = field(default=48, metadata={"help": "mel_rvq: Griffin-Lim iterations when decoding"})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "encodec: path to a local encodec_24khz state-dict (.th/.pt/.safetensors); no hub download"})
+    bandwidth: float = field(default=6.0, metadata={
+        "help": "encodec: target kbps (1.5, 3, 6, 12, 24) which sets n_q (2, 4, 8, 16, 32)"})
+    seed: int = field(default=0, metadata={"help": "k-means seed (mel_rvq); random-init seed (encodec tests)"})
+
+    def __post_init__(self):
+        if self.backend not in ("mel_rvq", "encodec"):
+            raise ValueError(f"codec.backend={self.backend!r}: choose mel_rvq (embedded) or encodec")
+        if self.n_q < 1 or self.codebook_size < 2:
+            raise ValueError(f"codec.n_q={self.n_q}, codec.codebook_size={self.codebook_size}: need n_q >= 1, size >= 2")
+        if self.hop_length <= 0 or self.n_fft < self.hop_length:
+            raise ValueError(f"codec.hop_length={self.hop_length} must be in (0, n_fft={self.n_fft}]")
+        if self.backend == "encodec" and self.bandwidth not in (1.5, 3.0, 6.0, 12.0, 24.0):
+            raise ValueError(f"codec.bandwidth={self.bandwidth}: encodec_24khz supports 1.5, 3, 6, 12 or 24")
+
+
+class Codec(Protocol):
+    """What the loop needs from a codec."""
+
+    sample_rate: int
+    frame_rate: float
+    n_q: int
+    codebook_size: int
+    identity: str
+
+    def encode(self, wav: np.ndarray) -> torch.LongTensor:
+        """wav: float32 mono [n_samples] at ``sample_rate`` -> codes: LongTensor [n_q, T]."""
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """codes: LongTensor [n_q, T] -> wav: float32 mono [n_samples]."""
+
+    def save(self, path: str | Path) -> None:
+        """Write everything needed to rebuild this codec into folder ``path``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# mel_rvq: the embedded codec
+# ---------------------------------------------------------------------------------------------
+class MelRVQCodec:
+    """Residual VQ over log-mel frames, decoded by mel pseudo-inverse + Griffin-Lim.
+
+    codebooks: FloatTensor [n_q, codebook_size, n_mels] in log-mel units.
+    """
+
+    def __init__(self, cfg: CodecConfig, codebooks: torch.Tensor):
+        import torchaudio
+
+        if codebooks.shape != (cfg.n_q, cfg.codebook_size, cfg.n_mels):
+            raise ValueError(f"codebooks of shape {tuple(codebooks.shape)} do not match the config "
+                             f"({cfg.n_q}, {cfg.codebook_size}, {cfg.n_mels})")
+        self.cfg = cfg
+        self.codebooks = codebooks.float().contiguous()
+        self.sample_rate = cfg.sample_rate
+        self.frame_rate = cfg.sample_rate / cfg.hop_length
+        self.n_q = cfg.n_q
+        self.codebook_size = cfg.codebook_size
+        self._mel = torchaudio.transforms.MelSpectrogram(
+            cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels, power=1.0)
+        # Least-squares inverse of the mel filterbank: [n_freq, n_mels]. (torch.linalg.lstsq on CPU
+        # returns zeros for this under-determined system; the pseudo-inverse is right.)
+        self._mel_inverse = torch.linalg.pinv(self._mel.mel_scale.fb.T)
+        self._griffin_lim = torchaudio.transforms.GriffinLim(
+            n_fft=cfg.n_fft, hop_length=cfg.hop_length, power=1.0, n_iter=cfg.griffin_lim_iters, momentum=0.99)
+        digest = hashlib.sha1(self.codebooks.numpy().tobytes()).hexdigest()[:12]
+        self.identity = (f"mel_rvq-sr{cfg.sample_rate}-hop{cfg.hop_length}-mel{cfg.n_mels}-"
+                         f"{cfg.n_q}x{cfg.codebook_size}-{digest}")
+
+    # -- features --------------------------------------------------------------------------
+    def features(self, wav: np.ndarray) -> torch.Tensor:
+        """wav: float32 [n_samples] -> log-mel frames: FloatTensor [T, n_mels]."""
+        x = torch.as_tensor(np.asarray(wav, dtype=np.float32))
+        with torch.no_grad():
+            return torch.log(self._mel(x).clamp_min(1e-5)).T.contiguous()
+
+    @classmethod
+    def fit(cls, cfg: CodecConfig, wavs: list[np.ndarray]) -> "MelRVQCodec":
+        """Fit the codebooks by k-means, level by level on the residual of the previous ones."""
+        from sklearn.cluster import KMeans
+
+        probe = cls(cfg, torch.zeros(cfg.n_q, cfg.codebook_size, cfg.n_mels))
+        frames = torch.cat([probe.features(w) for w in wavs]).numpy()
+        if len(frames) < cfg.codebook_size * 4:
+            raise ValueError(f"only {len(frames)} frames to fit {cfg.codebook_size} codes; "
+                             "give the codec more training audio or a smaller codec.codebook_size")
+        rng = np.random.default_rng(cfg.seed)
+        if len(frames) > cfg.fit_max_frames:
+            frames = frames[rng.choice(len(frames), cfg.fit_max_frames, replace=False)]
+        residual = frames.astype(np.float64)
+        books = []
+        for q in range(cfg.n_q):
+            km = KMeans(cfg.codebook_size, n_init=1, max_iter=60, random_state=cfg.seed + q).fit(residual)
+            centres = km.cluster_centers_
+            books.append(centres)
+            residual = residual - centres[km.labels_]
+            log.info("codec level %d/%d fitted: residual rms %.3f", q + 1, cfg.n_q, float(np.sqrt((residual ** 2).mean())))
+        return cls(cfg, torch.tensor(np.stack(books), dtype=torch.float32))
+
+    def quantize(self, frames: torch.Tensor) -> torch.LongTensor:
+        """frames: FloatTensor [T, n_mels] -> codes: LongTensor [n_q, T] (greedy residual assignment)."""
+        residual = frames.clone()
+        codes = []
+        for book in self.codebooks:
+            idx = torch.cdist(residual, book).argmin(dim=1)
+            codes.append(idx)
+            residual = residual - book[idx]
+        return torch.stack(codes)
+
+    def encode(self, wav: np.ndarray) -> torch.LongTensor:
+        """wav: float32 mono [n_samples] -> codes: LongTensor [n_q, T], T = n_samples // hop + 1."""
+        return self.quantize(self.features(wav))
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: LongTensor [n_q', T] (n_q' <= n_q leading levels) -> log-mel FloatTensor [T, n_mels]."""
+        codes = torch.as_tensor(codes).long()
+        self._check_codes(codes)
+        return sum(self.codebooks[q][codes[q]] for q in range(codes.shape[0]))
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """codes: LongTensor [n_q, T] -> wav: float32 [T * hop]. Empty codes give an empty wav."""
+        codes = torch.as_tensor(codes).long()
+        if codes.ndim != 2 or codes.shape[1] == 0:
+            return np.zeros(0, dtype=np.float32)
+        mel = torch.exp(self.dequantize(codes)).T  # [n_mels, T]
+        linear = (self._mel_inverse @ mel).clamp_min(0.0)  # [n_freq, T]
+        with torch.no_grad():
+            wav = self._griffin_lim(linear)
+        return wav.numpy().astype(np.float32)
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        if codes.ndim != 2 or codes.shape[0] > self.n_q:
+            raise ValueError(f"codes must be [n_q<={self.n_q}, T], got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"codes out of range [0, {self.codebook_size}): min {int(codes.min())}, max {int(codes.max())}")
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"codebooks": self.codebooks}, str(path / "codebooks.safetensors"))
+        _write_json(path / "codec.json", {"backend": "mel_rvq", "config": dataclasses.asdict(self.cfg),
+                                          "identity": self.identity})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MelRVQCodec":
+        path = Path(path)
+        meta = json.loads((path / "codec.json").read_text())
+        return cls(CodecConfig(**meta["config"]), load_file(str(path / "codebooks.safetensors"))["codebooks"])
+
+
+# ---------------------------------------------------------------------------------------------
+# encodec: the encodec package's 24 kHz model
+# ---------------------------------------------------------------------------------------------
+class EncodecCodec:
+    """The ``encodec`` package's 24 kHz model (SEANet encoder/decoder + RVQ, 75 Hz, 1024 codes).
+
+    Pretrained weights come from ``cfg.checkpoint`` (a local state dict, e.g. the file
+    ``encodec_24khz-d7cc33bc.th`` from the torch hub cache); with ``checkpoint=None`` the weights are
+    random, which only tests should use.
+    """
+
+    def __init__(self, cfg: CodecConfig, model=None):
+        from encodec import EncodecModel
+
+        self.cfg = cfg
+        if model is None:
+            torch.manual_seed(cfg.seed)
+            model = EncodecModel.encodec_model_24khz(pretrained=False)
+            if cfg.checkpoint is not None:
+                model.load_state_dict(_load_state_dict(cfg.checkpoint))
+            else:
+                log.warning("encodec codec has random weights (codec.checkpoint unset): fine for tests only")
+        model.set_target_bandwidth(cfg.bandwidth)
+        self.model = model.eval()
+        self.sample_rate = model.sample_rate
+        self.frame_rate = model.frame_rate
+        self.n_q = model.quantizer.get_num_quantizers_for_bandwidth(model.frame_rate, cfg.bandwidth)
+        self.codebook_size = model.quantizer.bins
+        digest = hashlib.sha1()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().numpy().tobytes()[:4096])
+        self.identity = f"encodec_24khz-bw{cfg.bandwidth:g}-{digest.hexdigest()[:12]}"
+
+    def encode(self, wav: np.ndarray) -> torch.LongTensor:
+        """wav: float32 mono [n_samples] at 24 kHz -> codes: LongTensor [n_q, T] at 75 Hz."""
+        x = torch.as_tensor(np.asarray(wav, dtype=np.float32))[None, None]
+        with torch.no_grad():
+            frames = self.model.encode(x)
+        return torch.cat([codes for codes, _scale in frames], dim=-1)[0].long()
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """codes: LongTensor [n_q, T] -> wav: float32 [n_samples] at 24 kHz."""
+        codes = torch.as_tensor(codes).long()
+        if codes.shape[-1] == 0:
+            return np.zeros(0, dtype=np.float32)
+        with torch.no_grad():
+            wav = self.model.decode([(codes[None], None)])
+        return wav[0, 0].numpy().astype(np.float32)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(path / "encodec.safetensors"))
+        cfg = dataclasses.replace(self.cfg, checkpoint="encodec.safetensors")
+        _write_json(path / "codec.json", {"backend": "encodec", "config": dataclasses.asdict(cfg),
+                                          "identity": self.identity})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EncodecCodec":
+        path = Path(path)
+        meta = json.loads((path / "codec.json").read_text())
+        cfg = CodecConfig(**meta["config"])
+        cfg.checkpoint = str(path / cfg.checkpoint) if not Path(cfg.checkpoint).is_absolute() else cfg.checkpoint
+        return cls(cfg)
+
+
+def _load_state_dict(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"codec.checkpoint={path} does not exist: point it at a local encodec_24khz state dict "
+                         "(no download is attempted)")
+    if p.suffix == ".safetensors":
+        return load_file(str(p))
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+def build_codec(cfg: CodecConfig, fit_wavs: list[np.ndarray] | None = None) -> Codec:
+    """Build the codec a config names; ``mel_rvq`` needs ``fit_wavs`` (training audio) to fit."""
+    if cfg.backend == "mel_rvq":
+        if not fit_wavs:
+            raise ValueError("the mel_rvq codec is fitted on training audio: pass fit_wavs")
+        return MelRVQCodec.fit(cfg, fit_wavs)
+    return EncodecCodec(cfg)
+
+
+def load_codec(path: str | Path) -> Codec:
+    """Rebuild a codec written by ``save``."""
+    path = Path(path)
+    meta_path = path / "codec.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{path} holds no codec (codec.json missing)")
+    backend = json.loads(meta_path.read_text())["backend"]
+    return {"mel_rvq": MelRVQCodec, "encodec": EncodecCodec}[backend].load(path)

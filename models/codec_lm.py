@@ -1,0 +1,286 @@
+"""The codec language model = the policy that SpeechAlign aligns.
+
+An autoregressive transformers causal LM (Llama) over one joint vocabulary of special tokens,
+text characters and RVQ-1 codec tokens, plus the NAR model for RVQ 2..n_q and the codec that turns
+codes into audio. A sequence reads::
+
+    <bos> <prompt> <a12> <a7> ... <text> t h e | c a t <speech> <a3> <a3> ... <eos>
+          \\_ voice prompt: RVQ-1 of another   \\_ text, one token   \\_ RVQ-1 of the
+             utterance of the same speaker       per character        target speech
+
+TRL's DPOTrainer tokenizes string columns with the policy's ``processing_class`` and has no
+pre-tokenized path, so the policy carries a real ``PreTrainedTokenizerFast`` over this vocabulary
+(codec tokens written as strings ``<a123>``), saved with the model. DPO's ``prompt`` is everything
+up to ``<speech>``, ``chosen``/``rejected`` the codes after it.
+
+A policy directory (what every round writes and ``Policy.load`` reads)::
+
+    policy/config.json model.safetensors tokenizer.json ...   # transformers: from_pretrained loads it
+    policy/nar/       policy/codec/       policy/speechalign.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.codec import Codec, load_codec
+from models.nar import NARModel
+
+log = logging.getLogger("speechalign.policy")
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<prompt>", "<text>", "<speech>"]
+TEXT_CHARS = list("abcdefghijklmnopqrstuvwxyz'") + ["|"]  # '|' marks a word boundary
+LAYOUT_VERSION = 1
+
+
+def codec_token(i: int) -> str:
+    return f"<a{i}>"
+
+
+_CODE_RE = re.compile(r"<a(\d+)>")
+
+
+@dataclass
+class PolicyConfig:
+    """Shape of the AR policy and the NAR model."""
+
+    size: str = field(default="tiny", metadata={"help": "AR size: tiny (4x128, CPU minutes), base (8x512), "
+                                                         "paper (LLaMA-7B shape)"})
+    nar_size: str = field(default="tiny", metadata={"help": "NAR size: tiny, base, paper"})
+    prompt_seconds: float = field(default=1.5, metadata={
+        "help": "seconds of the voice prompt's codes prefixed to each sequence"})
+    max_seconds: float = field(default=6.0, metadata={"help": "longest speech the policy may generate"})
+    pretrained: str | None = field(default=None, metadata={
+        "help": "start from this policy directory instead of training a base model"})
+
+    def __post_init__(self):
+        if self.size not in AR_SIZES:
+            raise ValueError(f"policy.size={self.size!r} unknown; choose one of {sorted(AR_SIZES)}")
+        if not 0 < self.prompt_seconds <= 10:
+            raise ValueError(f"policy.prompt_seconds={self.prompt_seconds} must be in (0, 10]")
+        if self.max_seconds <= 0:
+            raise ValueError(f"policy.max_seconds={self.max_seconds} must be > 0")
+
+
+# Named AR sizes. 'paper' is the LLaMA-7B shape the SpeechAlign paper used.
+AR_SIZES = {
+    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4),
+    "base": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=8),
+    "paper": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary and sequence layout
+# ---------------------------------------------------------------------------------------------
+def build_tokenizer(codebook_size: int):
+    """A word-level ``PreTrainedTokenizerFast``: specials, characters, ``<a0>``..``<a{K-1}>``.
+
+    Pre-tokenisation splits on whitespace and then isolates every ``<...>`` token and every other
+    character, so ``"<speech><a1>"`` and ``"c a t"`` tokenize the same with or without spaces.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TEXT_CHARS +
+                                             [codec_token(i) for i in range(codebook_size)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(r"<[^<>\s]+>|[^<]"), behavior="isolated"),
+    ])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<prompt>", "<text>", "<speech>"], padding_side="left")
+
+
+def text_to_tokens(text: str) -> str:
+    """Normalised text as space-separated character tokens, ``|`` between words."""
+    from eval.text import normalize_text
+
+    words = ["".join(ch for ch in w if ch in TEXT_CHARS) for w in normalize_text(text).split()]
+    words = [w for w in words if w]
+    if not words:
+        raise ValueError(f"text {text!r} has no speakable characters (a-z and ')")
+    return " | ".join(" ".join(w) for w in words)
+
+
+def codes_to_str(codes) -> str:
+    """RVQ-1 codes: LongTensor/array [T] -> ``"<a3> <a17> ..."``."""
+    return " ".join(codec_token(int(c)) for c in codes)
+
+
+def prompt_str(prompt_codes, text: str) -> str:
+    """The conditioning part of a sequence, ending with ``<speech>`` (DPO's ``prompt`` column)."""
+    return f"<bos> <prompt> {codes_to_str(prompt_codes)} <text> {text_to_tokens(text)} <speech>"
+
+
+def completion_str(codes) -> str:
+    """The speech part (DPO's ``chosen``/``rejected``): leading space, codes, ``<eos>``."""
+    return f" {codes_to_str(codes)} <eos>"
+
+
+def parse_codes(s: str) -> torch.LongTensor:
+    """Inverse of ``codes_to_str``; stops at ``<eos>``. Returns LongTensor [T]."""
+    s = s.split("<eos>")[0]
+    return torch.tensor([int(m) for m in _CODE_RE.findall(s)], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+def build_lm(size: str, vocab_size: int, max_positions: int, seed: int):
+    """A fresh ``LlamaForCausalLM`` of a named size over the joint vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=3, tie_word_embeddings=False, **AR_SIZES[size])
+    return LlamaForCausalLM(config)
+
+
+class _AllowOnly:
+    """Logits processor: only codec tokens and ``<eos>`` may be generated."""
+
+    def __init__(self, allowed: torch.Tensor, vocab_size: int):
+        self.mask = torch.full((vocab_size,), float("-inf"))
+        self.mask[allowed] = 0.0
+
+    def __call__(self, input_ids, scores):
+        return scores + self.mask[: scores.shape[-1]].to(scores.device)
+
+
+@dataclass
+class Policy:
+    """AR LM + tokenizer + NAR + codec; everything needed to go from (text, prompt) to audio."""
+
+    lm: "torch.nn.Module"
+    tokenizer: object
+    nar: NARModel | None
+    codec: Codec
+    meta: dict = field(default_factory=dict)  # prompt_seconds, frames_per_char, max_seconds, ...
+
+    @property
+    def code_offset(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(codec_token(0))
+
+    def prompt_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Trim a prompt utterance's codes [n_q, T] to the policy's prompt length -> [n_q, Tp]."""
+        n = max(1, int(round(self.meta["prompt_seconds"] * self.codec.frame_rate)))
+        return codes[:, :n]
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the policy directory atomically (temp dir, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.lm.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if self.nar is not None:
+            self.nar.save(tmp / "nar")
+        self.codec.save(tmp / "codec")
+        meta = dict(self.meta, layout_version=LAYOUT_VERSION, codec_identity=self.codec.identity)
+        (tmp / "speechalign.json").write_text(json.dumps(meta, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "Policy":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        if not (path / "speechalign.json").is_file():
+            raise ValueError(f"{path} is not a speechalign policy directory (speechalign.json missing); "
+                             "pass a round's policy/ folder, e.g. runs/<name>/round_001/policy")
+        meta = json.loads((path / "speechalign.json").read_text())
+        if meta.get("layout_version") != LAYOUT_VERSION:
+            raise ValueError(f"{path}: sequence layout v{meta.get('layout_version')} != this code's v{LAYOUT_VERSION}")
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        nar = NARModel.load(path / "nar").to(device) if (path / "nar").is_dir() else None
+        return cls(lm=lm, tokenizer=tokenizer, nar=nar, codec=load_codec(path / "codec"), meta=meta)
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, texts: list[str], prompts: list[torch.Tensor], *, n: int = 1, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
+                 progress: bool = False) -> list[list[torch.LongTensor]]:
+        """Sample RVQ-1 codes for each (text, prompt); batched, KV-cached (``generate``).
+
+        texts: B strings; prompts: B LongTensors [n_q, Tp] (full prompt codes; trimmed here).
+        Returns B lists of n LongTensors [T_i] (codes before ``<eos>``). Greedy when temperature == 0.
+        Deterministic for a given seed and batch_size.
+        """
+        from tqdm import tqdm
+
+        lm = self.lm.eval()
+        device = next(lm.parameters()).device
+        tok = self.tokenizer
+        K = self.codec.codebook_size
+        offset = self.code_offset
+        allowed = torch.tensor(list(range(offset, offset + K)) + [tok.eos_token_id])
+        processor = _AllowOnly(allowed, len(tok))
+        max_frames = int(self.meta.get("max_seconds", 6.0) * self.codec.frame_rate)
+        fpc = float(self.meta.get("frames_per_char", 4.0))
+        results: list[list[torch.LongTensor]] = []
+        order = range(0, len(texts), batch_size)
+        for start in tqdm(order, desc="sampling", disable=not progress, leave=False):
+            batch_texts = texts[start: start + batch_size]
+            strs = [prompt_str(self.prompt_codes(p)[0], t) for t, p in zip(batch_texts, prompts[start: start + batch_size])]
+            enc = tok(strs, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            # Cap length by the text: 2.5x the training data's frames per character, so a policy that
+            # never emits <eos> cannot stall a round on max_seconds of babble.
+            longest = max(len(text_to_tokens(t).replace(" ", "")) for t in batch_texts)
+            max_new = int(min(max_frames, 2.5 * fpc * longest + 10))
+            torch.manual_seed(seed + start)
+            from transformers import LogitsProcessorList
+
+            out = lm.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                              top_k=top_k if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
+                              max_new_tokens=max_new, num_return_sequences=n,
+                              logits_processor=LogitsProcessorList([processor]),
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:].cpu()
+            for i in range(len(batch_texts)):
+                samples = []
+                for j in range(n):
+                    ids = new[i * n + j]
+                    end = (ids == tok.eos_token_id).nonzero()
+                    ids = ids[: int(end[0])] if len(end) else ids
+                    ids = ids[ids != tok.pad_token_id]
+                    samples.append((ids - offset).clamp(0, K - 1).long())
+                results.append(samples)
+        return results
+
+    @torch.no_grad()
+    def render(self, first: torch.Tensor, prompt: torch.Tensor) -> np.ndarray:
+        """RVQ-1 codes [T] + full prompt codes [n_q, Tp] -> waveform float32 [n] (NAR, then codec)."""
+        if first.numel() == 0:
+            return np.zeros(0, dtype=np.float32)
+        if self.nar is not None and self.codec.n_q > 1:
+            device = next(self.nar.parameters()).device
+            codes = self.nar.generate(self.prompt_codes(prompt).to(device), first.to(device)).cpu()
+        else:
+            codes = first[None]
+        return self.codec.decode(codes)
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.lm.parameters())
+
+
+def policy_meta(cfg: PolicyConfig, frames_per_char: float) -> dict:
+    return {"prompt_seconds": cfg.prompt_seconds, "max_seconds": cfg.max_seconds,
+            "frames_per_char": frames_per_char, "size": cfg.size, "policy_config": dataclasses.asdict(cfg)}

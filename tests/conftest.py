@@ -1,0 +1,34 @@
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_SPEECH = REPO.parent / "shared" / "data" / "real_speech"
+
+# Two cores on CI: more threads than cores only adds contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def real_speech_dir() -> Path:
+    """The 13 real recordings shipped in ../shared/data/real_speech (3 speakers, 16 and 22.05 kHz)."""
+    if not (REAL_SPEECH / "manifest.jsonl").exists():
+        pytest.skip(f"real recordings not found at {REAL_SPEECH}")
+    return REAL_SPEECH
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+    logging.getLogger("speechalign").setLevel(logging.INFO)
+    yield

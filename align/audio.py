@@ -114,6 +114,7 @@ def save_audio(path, wav: np.ndarray, sample_rate: int) -> None:
     # Temp file in the same folder so os.replace is a rename on one filesystem: a reader never
     # sees a half-written WAV, even if the process is killed mid-write.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; audio is meant to be shared and listened to
     os.close(fd)
     try:
         sf.write(tmp, np.clip(wav, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")

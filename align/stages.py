@@ -80,6 +80,9 @@ class DPOStageConfig:
     steps: int = field(default=60, metadata={"help": "optimiser steps per round"})
     batch_size: int = field(default=8, metadata={"help": "pairs per device per step"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    sft_weight: float = field(default=0.0, metadata={
+        "help": "weight of an SFT term on the chosen (golden) tokens added to the DPO loss (RPO-style); "
+                "keeps the chosen log-probs from falling with the rejected ones"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps for linear warm-up"})
     max_length: int = field(default=1024, metadata={"help": "longest prompt + completion in tokens"})
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) instead of all weights; "
@@ -93,6 +96,8 @@ class DPOStageConfig:
         "help": "trainer checkpoint every N steps; a killed DPO resumes from the last one"})
 
     def __post_init__(self):
+        if self.sft_weight < 0:
+            raise ValueError(f"dpo.sft_weight={self.sft_weight} must be >= 0")
         if self.beta <= 0:
             raise ValueError(f"dpo.beta={self.beta} must be > 0")
         if self.learning_rate <= 0 or self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -305,7 +310,9 @@ def dpo(ctx: "Context", k: int) -> dict:
     work = ctx.run.round_dir(k) / "dpo"
     work.mkdir(parents=True, exist_ok=True)
     args = DPOConfig(
-        output_dir=str(work / "trainer"), beta=dcfg.beta, loss_type=[dcfg.loss_type],
+        output_dir=str(work / "trainer"), beta=dcfg.beta,
+        loss_type=[dcfg.loss_type] + (["sft"] if dcfg.sft_weight > 0 else []),
+        loss_weights=[1.0, dcfg.sft_weight] if dcfg.sft_weight > 0 else None,
         learning_rate=dcfg.learning_rate, max_steps=dcfg.steps, per_device_train_batch_size=dcfg.batch_size,
         gradient_accumulation_steps=dcfg.grad_accum, warmup_steps=int(dcfg.warmup_ratio * dcfg.steps),
         lr_scheduler_type="cosine", max_length=dcfg.max_length, logging_steps=1, save_steps=dcfg.save_steps,

@@ -44,7 +44,9 @@ class CodecConfig:
     codebook_size: int = field(default=256, metadata={"help": "mel_rvq: entries per codebook"})
     fit_max_frames: int = field(default=60000, metadata={
         "help": "mel_rvq: frames sampled from the training audio for k-means (more = slower fit, little gain)"})
-    griffin_lim_iters: int = field(default=48, metadata={"help": "mel_rvq: Griffin-Lim iterations when decoding"})
+    griffin_lim_iters: int = field(default=64, metadata={"help": "mel_rvq: Griffin-Lim iterations when decoding"})
+    nnls_iters: int = field(default=30, metadata={
+        "help": "mel_rvq: projected-gradient steps refining the mel -> linear inversion (0 = clamped pseudo-inverse)"})
     checkpoint: str | None = field(default=None, metadata={
         "help": "encodec: path to a local encodec_24khz state-dict (.th/.pt/.safetensors); no hub download"})
     bandwidth: float = field(default=6.0, metadata={
@@ -169,10 +171,23 @@ class MelRVQCodec:
         if codes.ndim != 2 or codes.shape[1] == 0:
             return np.zeros(0, dtype=np.float32)
         mel = torch.exp(self.dequantize(codes)).T  # [n_mels, T]
-        linear = (self._mel_inverse @ mel).clamp_min(0.0)  # [n_freq, T]
+        linear = self._invert_mel(mel)  # [n_freq, T]
         with torch.no_grad():
             wav = self._griffin_lim(linear)
         return wav.numpy().astype(np.float32)
+
+    def _invert_mel(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel: [n_mels, T] magnitudes -> linear magnitudes [n_freq, T] >= 0.
+
+        Non-negative least squares by projected gradient, started from the clamped pseudo-inverse:
+        clamping alone leaves spectral holes that Griffin-Lim turns into musical noise.
+        """
+        fb = self._mel.mel_scale.fb.T  # [n_mels, n_freq]
+        x = (self._mel_inverse @ mel).clamp_min(0.0)
+        step = 1.0 / float(torch.linalg.matrix_norm(fb, 2) ** 2)
+        for _ in range(self.cfg.nnls_iters):
+            x = (x - step * (fb.T @ (fb @ x - mel))).clamp_min(0.0)
+        return x
 
     def _check_codes(self, codes: torch.Tensor) -> None:
         if codes.ndim != 2 or codes.shape[0] > self.n_q:

@@ -1,0 +1,130 @@
+"""The CI loop end to end, and resuming a killed run to the same metrics."""
+import json
+import math
+
+import pytest
+import torch
+
+from align.config import load_config
+from align.loop import run_loop
+from align.run import read_jsonl
+from eval.compare import compare_runs
+
+from .conftest import REPO
+
+CI_CONFIG = REPO / "configs" / "ci.yaml"
+
+
+@pytest.fixture(scope="session")
+def ci_overrides(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ci_runs")
+    return [f"out_dir={root}", f"cache_dir={root / '_cache'}", f"data.corpus_dir={root / '_corpus'}"]
+
+
+@pytest.fixture(scope="session")
+def ci_run(ci_overrides):
+    torch.set_num_threads(2)
+    return run_loop(load_config(CI_CONFIG, ci_overrides))
+
+
+def _rows(run_dir):
+    return {r["round"]: r for r in read_jsonl(run_dir / "metrics.jsonl")}
+
+
+def test_ci_loop_runs_end_to_end(ci_run):
+    cfg = load_config(CI_CONFIG)
+    rows = _rows(ci_run)
+    assert sorted(rows) == list(range(cfg.rounds + 1))
+    for k, row in rows.items():
+        assert math.isfinite(row["wer"]) and row["wer"] >= 0
+        assert math.isfinite(row["sim"]) and -1 <= row["sim"] <= 1
+        assert (ci_run / f"round_{k:03d}" / "policy" / "model.safetensors").exists()
+        if k > 0:
+            assert row["pairs"] > 0 and math.isfinite(row["dpo_loss"])
+            assert set(row["seconds"]) == {"sample", "pair", "dpo", "evaluate"}
+    # every round's policy is a plain transformers checkpoint
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ci_run / "round_002" / "policy")
+    # per-utterance rows and pairs with their scores are on disk
+    eval_rows = read_jsonl(ci_run / "round_001" / "eval" / "rows.jsonl")
+    assert {"id", "text", "hypothesis", "wer", "sim", "round"} <= set(eval_rows[0])
+    pairs = read_jsonl(ci_run / "round_001" / "pairs" / "pairs.jsonl")
+    assert pairs and {"token_distance", "length_ratio"} <= set(pairs[0]["scores"])
+    assert pairs[0]["chosen"].endswith("<eos>") and pairs[0]["prompt"].endswith("<speech>")
+    df = compare_runs([ci_run])
+    assert list(df["round"]) == [0, 1, 2] and {"wer", "sim", "reward_accuracy", "sec_dpo"} <= set(df.columns)
+
+
+def test_policy_changes_across_rounds(ci_run):
+    from safetensors.torch import load_file
+
+    w0 = load_file(str(ci_run / "round_000" / "policy" / "model.safetensors"))
+    w1 = load_file(str(ci_run / "round_001" / "policy" / "model.safetensors"))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_resume_after_kill_between_stages(ci_run, ci_overrides):
+    """Stop after round 1's pair stage, then rerun: round 0-1 metrics equal the uninterrupted run's."""
+    cfg = load_config(CI_CONFIG, ci_overrides + ["name=ci_resume_stage", "rounds=1"])
+    run_dir = run_loop(cfg, stop_after="1:pair")
+    state = json.loads((run_dir / "state.json").read_text())
+    assert "pair" in state["done"]["1"] and "dpo" not in state["done"]["1"]
+    run_loop(cfg)
+    got, want = _rows(run_dir), _rows(ci_run)
+    for k in (0, 1):
+        for key in ("wer", "sim", "dpo_loss", "reward_margin"):
+            if key in want[k]:
+                assert got[k][key] == pytest.approx(want[k][key], abs=1e-6), (k, key)
+
+
+def test_resume_after_kill_inside_dpo(ci_run, ci_overrides, monkeypatch):
+    """A crash after DPO step 3 (checkpoint at step 2) resumes from the checkpoint to the same result."""
+    import trl
+
+    cfg = load_config(CI_CONFIG, ci_overrides + ["name=ci_resume_dpo", "rounds=1"])
+    original = trl.DPOTrainer.training_step
+    calls = {"n": 0}
+
+    def crashing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill inside DPO")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.DPOTrainer, "training_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(cfg)
+    run_dir = cfg.run_dir
+    assert list((run_dir / "round_001" / "dpo" / "trainer").glob("checkpoint-2"))
+    assert not (run_dir / "round_001" / "policy").exists()
+    monkeypatch.setattr(trl.DPOTrainer, "training_step", original)
+    run_loop(cfg)
+    got, want = _rows(run_dir), _rows(ci_run)
+    for key in ("wer", "sim", "dpo_loss", "reward_margin", "reward_accuracy"):
+        assert got[1][key] == pytest.approx(want[1][key], abs=1e-6), key
+
+
+def test_rerun_with_other_config_is_refused(ci_run, ci_overrides):
+    cfg = load_config(CI_CONFIG, ci_overrides + ["dpo.beta=0.5"])
+    with pytest.raises(ValueError, match="different config"):
+        run_loop(cfg)
+
+
+def test_eval_command_on_real_recordings(ci_run, real_speech_dir, tmp_path):
+    from align.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--policy", str(ci_run / "round_001" / "policy"),
+                 "--manifest", str(real_speech_dir / "manifest.jsonl"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 13 and len(result["rows"]) == 13
+    assert math.isfinite(result["wer"]) and math.isfinite(result["sim"])
+
+
+def test_compare_command_writes_tables(ci_run, tmp_path):
+    from align.cli import main
+
+    assert main(["compare", str(ci_run), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp.csv").exists()
+    assert "| run | round | wer | sim |" in (tmp_path / "cmp.md").read_text()

@@ -8,14 +8,12 @@ in ``BASE_STAGES``.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -58,11 +56,53 @@ def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
                                  "(base.lr / base.nar_lr) or check the data. Nothing was saved.")
 
 
+def _fit(name: str, model: torch.nn.Module, loss_fn: Callable[[list[int]], torch.Tensor], *, n_items: int,
+         batch_size: int, steps: int, lr: float, warmup: int, betas: tuple[float, float], bcfg: BaseConfig,
+         rng: random.Random) -> tuple[float, list[dict]]:
+    """AdamW over shuffled mini-batches of item indices, warm-up then cosine; stops on a non-finite loss.
+
+    Returns the smoothed final loss and a history row every ``bcfg.log_every`` steps.
+    """
+    from tqdm import tqdm
+
+    from models.nar import cosine_lr
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=bcfg.weight_decay, betas=betas)
+    order: list[int] = []
+    running, history = 0.0, []
+    model.train()
+    bar = tqdm(range(steps), desc=name, leave=False)
+    for step in bar:
+        if len(order) < batch_size:  # epochs of a seeded shuffle, no sample repeated within one
+            idx = list(range(n_items))
+            rng.shuffle(idx)
+            order += idx
+        batch = order[:batch_size]
+        del order[:batch_size]
+        for g in opt.param_groups:
+            g["lr"] = lr * cosine_lr(step, steps, warmup)
+        loss = loss_fn(batch)
+        _check_finite(loss, name, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), bcfg.grad_clip)
+        opt.step()
+        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.3f}")
+        if (step + 1) % bcfg.log_every == 0 or step + 1 == steps:
+            log.info("%s step %d/%d loss %.4f", name, step + 1, steps, running)
+            history.append({"step": step + 1, "loss": running})
+    model.eval()
+    return running, history
+
+
 def _examples(ctx: "Context", salt: int) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(text, golden codes [n_q, T], prompt codes [n_q, Tp]) for every training utterance."""
+    from tqdm import tqdm
+
     train = ctx.splits.train
     out = []
-    for u in train:
+    for u in tqdm(train, desc="golden tokens", leave=False):
         p = ctx.prompt_for(u, train, salt)
         out.append((u.text, ctx.codes(u), ctx.codes(p)))
     return out
@@ -70,18 +110,14 @@ def _examples(ctx: "Context", salt: int) -> list[tuple[str, torch.Tensor, torch.
 
 def sft_base(ctx: "Context", out_dir: Path) -> dict:
     """Train the AR policy and the NAR model on golden tokens; write ``out_dir`` (a policy dir)."""
-    from tqdm import tqdm
-
     from models.codec_lm import (Policy, build_lm, build_tokenizer, completion_str, policy_meta, prompt_str,
                                  text_to_tokens)
-    from models.nar import NARConfig, NARModel, cosine_lr, nar_batch
+    from models.nar import NARConfig, NARModel, nar_batch
 
     cfg, bcfg = ctx.cfg, ctx.cfg.base
     codec = ctx.codec
     tok = build_tokenizer(codec.codebook_size)
-    from tqdm import tqdm as _tqdm
-
-    examples = [(t, c, p) for t, c, p in _tqdm(_examples(ctx, 0), desc="golden tokens", leave=False)]
+    examples = _examples(ctx, 0)
     n_prompt = max(1, int(round(cfg.policy.prompt_seconds * codec.frame_rate)))
     chars = sum(len(text_to_tokens(t).replace(" ", "")) for t, _, _ in examples)
     frames = sum(c.shape[1] for _, c, _ in examples)
@@ -97,41 +133,24 @@ def sft_base(ctx: "Context", out_dir: Path) -> dict:
     lm = build_lm(cfg.policy.size, len(tok), max(2048, max_len + 64), cfg.seed).to(ctx.device)
     log.info("base sft: %d examples, AR %.2fM params, longest sequence %d tokens", len(seqs),
              sum(p.numel() for p in lm.parameters()) / 1e6, max_len)
-    opt = torch.optim.AdamW(lm.parameters(), lr=bcfg.lr, weight_decay=bcfg.weight_decay, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
-    order: list[int] = []
-    lm.train()
-    running, history = 0.0, []
-    bar = tqdm(range(bcfg.steps), desc="base AR sft", leave=False)
-    for step in bar:
-        if len(order) < bcfg.batch_size:
-            idx = list(range(len(seqs)))
-            rng.shuffle(idx)
-            order += idx
-        batch = [seqs[i] for i in order[: bcfg.batch_size]]
-        del order[: bcfg.batch_size]
-        L = max(len(p) + len(c) for p, c in batch)
-        ids = torch.full((len(batch), L), tok.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), L), -100, dtype=torch.long)
-        attn = torch.zeros((len(batch), L), dtype=torch.long)
-        for i, (p, c) in enumerate(batch):  # right padding for training
+
+    def ar_loss(batch: list[int]) -> torch.Tensor:
+        items = [seqs[i] for i in batch]
+        L = max(len(p) + len(c) for p, c in items)
+        ids = torch.full((len(items), L), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), L), -100, dtype=torch.long)
+        attn = torch.zeros((len(items), L), dtype=torch.long)
+        for i, (p, c) in enumerate(items):  # right padding for training
             ids[i, : len(p) + len(c)] = torch.tensor(p + c)
             labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
             attn[i, : len(p) + len(c)] = 1
-        for g in opt.param_groups:
-            g["lr"] = bcfg.lr * cosine_lr(step, bcfg.steps, bcfg.warmup_steps)
-        out = lm(input_ids=ids.to(ctx.device), attention_mask=attn.to(ctx.device), labels=labels.to(ctx.device))
-        _check_finite(out.loss, "base AR", step)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), bcfg.grad_clip)
-        opt.step()
-        running = out.loss.item() if step == 0 else 0.98 * running + 0.02 * out.loss.item()
-        bar.set_postfix(loss=f"{running:.3f}")
-        if (step + 1) % bcfg.log_every == 0 or step + 1 == bcfg.steps:
-            log.info("base AR step %d/%d loss %.4f", step + 1, bcfg.steps, running)
-            history.append({"step": step + 1, "ar_loss": running})
-    lm.eval()
+        return lm(input_ids=ids.to(ctx.device), attention_mask=attn.to(ctx.device),
+                  labels=labels.to(ctx.device)).loss
+
+    ar_final, history = _fit("base AR", lm, ar_loss, n_items=len(seqs), batch_size=bcfg.batch_size,
+                             steps=bcfg.steps, lr=bcfg.lr, warmup=bcfg.warmup_steps, betas=(0.9, 0.98),
+                             bcfg=bcfg, rng=rng)
 
     # -- NAR: levels 2..n_q from level 1 and the prompt --
     nar = None
@@ -143,38 +162,20 @@ def sft_base(ctx: "Context", out_dir: Path) -> dict:
         ncfg = NARConfig.named(cfg.policy.nar_size, codec.n_q, codec.codebook_size)
         ncfg.max_frames = max(ncfg.max_frames, n_prompt + max(c.shape[1] for _, c, _ in examples) + 8)
         nar = NARModel(ncfg).to(ctx.device)
-        nopt = torch.optim.AdamW(nar.parameters(), lr=bcfg.nar_lr, weight_decay=bcfg.weight_decay)
-        order = []
-        running = 0.0
-        bar = tqdm(range(bcfg.nar_steps), desc="base NAR", leave=False)
-        for step in bar:
-            if len(order) < bcfg.nar_batch_size:
-                idx = list(range(len(examples)))
-                rng.shuffle(idx)
-                order += idx
-            batch = [examples[i] for i in order[: bcfg.nar_batch_size]]
-            del order[: bcfg.nar_batch_size]
-            prompt, target, pm, tm = nar_batch([(p[:, :n_prompt], c) for _, c, p in batch])
-            level = rng.randint(2, codec.n_q)
-            for g in nopt.param_groups:
-                g["lr"] = bcfg.nar_lr * cosine_lr(step, bcfg.nar_steps, min(bcfg.warmup_steps, bcfg.nar_steps // 10))
-            loss = nar.loss(prompt.to(ctx.device), target.to(ctx.device), pm.to(ctx.device), tm.to(ctx.device), level)
-            _check_finite(loss, "base NAR", step)
-            nopt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(nar.parameters(), bcfg.grad_clip)
-            nopt.step()
-            running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
-            bar.set_postfix(loss=f"{running:.3f}")
-            if (step + 1) % bcfg.log_every == 0 or step + 1 == bcfg.nar_steps:
-                log.info("base NAR step %d/%d loss %.4f", step + 1, bcfg.nar_steps, running)
-        nar_loss = running
-        nar.eval()
+
+        def nar_step_loss(batch: list[int]) -> torch.Tensor:
+            prompt, target, pm, tm = nar_batch([(examples[i][2][:, :n_prompt], examples[i][1]) for i in batch])
+            level = rng.randint(2, codec.n_q)  # one random level per step: each level is its own task
+            return nar.loss(prompt.to(ctx.device), target.to(ctx.device), pm.to(ctx.device), tm.to(ctx.device), level)
+
+        nar_loss, _ = _fit("base NAR", nar, nar_step_loss, n_items=len(examples), batch_size=bcfg.nar_batch_size,
+                           steps=bcfg.nar_steps, lr=bcfg.nar_lr, warmup=min(bcfg.warmup_steps, bcfg.nar_steps // 10),
+                           betas=(0.9, 0.999), bcfg=bcfg, rng=rng)
 
     policy = Policy(lm=lm.cpu(), tokenizer=tok, nar=nar.cpu() if nar is not None else None, codec=codec,
                     meta=policy_meta(cfg.policy, frames_per_char))
     policy.save(out_dir)
-    return {"ar_loss": history[-1]["ar_loss"] if history else None, "nar_loss": nar_loss,
+    return {"ar_loss": ar_final, "nar_loss": nar_loss,
             "frames_per_char": frames_per_char, "examples": len(seqs), "history": history}
 
 

@@ -15,10 +15,10 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_prepare(args) -> None:
     from align.config import load_config
-    from align.run import Context, RunDir
+    from align.run import Context
 
     cfg = load_config(args.config, args.set)
-    ctx = Context(cfg, RunDir(cfg))
+    ctx = Context(cfg, None)
     splits = ctx.splits
     logging.getLogger("speechalign").info("corpus ready: %d train, %d dev, %d test utterances; codec %s",
                                           len(splits.train), len(splits.dev), len(splits.test), ctx.codec.identity)

@@ -22,12 +22,12 @@ import json
 import logging
 import os
 import random
-import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+from eval.text import normalize_text  # one normaliser: sentences match as WER sees them
 
 log = logging.getLogger("speechalign.data")
 
@@ -434,15 +434,6 @@ def load_any(path: str | os.PathLike) -> tuple[list[Utterance], list[Skip]]:
 
 # ----------------------------------------------------------------------------------------------
 # Prompts and splits
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, drop punctuation (apostrophes inside words stay), collapse spaces: the form in
-    which two transcripts count as the same sentence."""
-    text = text.lower().replace("\u2019", "'")
-    text = re.sub(r"[^\w' ]+", " ", text)
-    text = re.sub(r"(?<!\w)'|'(?!\w)", " ", text)
-    return " ".join(text.split())
 
 
 def _stable_hash(*parts) -> int:

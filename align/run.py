@@ -143,7 +143,8 @@ class Context:
     Everything is built lazily and at most once, so a resumed run pays only for what it uses.
     """
 
-    def __init__(self, cfg: RunConfig, run: RunDir):
+    def __init__(self, cfg: RunConfig, run: RunDir | None):
+        # run=None: data and codec only (``speechalign prepare``), no run directory is created.
         self.cfg = cfg
         self.run = run
         self.device = resolve_device(cfg.device)
@@ -181,12 +182,16 @@ class Context:
             train = sorted(out["train"], key=lambda u: u.id)
             rng.shuffle(train)
             out["train"] = sorted(train[: cfg.data.max_train_utterances], key=lambda u: u.id)
+        where = "the log"
         if skipped:
-            write_jsonl(self.run.root / "skipped.jsonl", [s.__dict__ for s in skipped])
-            log.warning("%d utterances skipped (see %s)", len(skipped), self.run.root / "skipped.jsonl")
+            if self.run is not None:
+                where = str(self.run.root / "skipped.jsonl")
+                write_jsonl(self.run.root / "skipped.jsonl", [s.__dict__ for s in skipped])
+            log.warning("%d utterances skipped (see %s): %s", len(skipped), where,
+                        "; ".join(f"{s.id}: {s.reason}" for s in skipped[:5]))
         for split in ("train", "test"):
             if not out[split]:
-                raise ValueError(f"the {split} split is empty after skipping bad rows; see {self.run.root}/skipped.jsonl")
+                raise ValueError(f"the {split} split is empty after skipping bad rows; see {where}")
         return Splits(out["train"], out["dev"], out["test"], skipped)
 
     def prompt_for(self, utt: Utterance, pool: list[Utterance], salt: int = 0) -> Utterance:

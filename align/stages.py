@@ -274,21 +274,19 @@ def pair(ctx: "Context", k: int) -> dict:
     return stats
 
 
-class _NaNGuard:
-    """Trainer callback: stop loudly when the DPO loss is not finite."""
+def nan_guard():
+    """A trainer callback that stops loudly when the DPO loss is not finite."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class NaNGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"DPO loss became {loss} at step {state.global_step}; lower dpo.learning_rate or dpo.beta. "
+                    "The previous round's policy is untouched.")
 
-        class Guard(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kw):
-                loss = (logs or {}).get("loss")
-                if loss is not None and not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"DPO loss became {loss} at step {state.global_step}; lower dpo.learning_rate or dpo.beta. "
-                        "The previous round's policy is untouched.")
-
-        return Guard()
+    return NaNGuard()
 
 
 def dpo(ctx: "Context", k: int) -> dict:
@@ -326,7 +324,7 @@ def dpo(ctx: "Context", k: int) -> dict:
         peft_config = LoraConfig(r=dcfg.lora_r, lora_alpha=dcfg.lora_alpha, lora_dropout=dcfg.lora_dropout,
                                  target_modules=list(dcfg.lora_targets), task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=policy.lm, ref_model=None if dcfg.lora else ref, args=args, train_dataset=dataset,
-                         processing_class=policy.tokenizer, peft_config=peft_config, callbacks=[_NaNGuard()])
+                         processing_class=policy.tokenizer, peft_config=peft_config, callbacks=[nan_guard()])
     checkpoints = sorted((work / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     resume = str(checkpoints[-1]) if checkpoints else None
     if resume:

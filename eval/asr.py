@@ -8,6 +8,7 @@ backend is scored the same way.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import jiwer
@@ -31,12 +32,16 @@ class PocketSphinxASR:
     name = "pocketsphinx"
     sample_rate = 16000
 
-    def __init__(self, model_dir: str | None = None):
+    def __init__(self, model_dir: str | None = None, workers: int = 0):
         """
         Args:
             model_dir: folder holding `en-us/en-us/` (acoustic model), `en-us/en-us.lm.bin` and
                 `en-us/cmudict-en-us.dict`; None: the copy inside the pocketsphinx package.
+            workers: decoding processes for long lists (the decoder holds the GIL, so threads do
+                not help); 0 = one per CPU core, at most 4. Results do not depend on it.
         """
+        self.model_dir = model_dir
+        self.workers = workers or min(4, os.cpu_count() or 1)
         import pocketsphinx
 
         root = Path(model_dir) if model_dir is not None else Path(pocketsphinx.get_model_path())
@@ -50,6 +55,23 @@ class PocketSphinxASR:
         # loglevel FATAL: the decoder otherwise prints hundreds of INFO lines to stderr.
         self._decoder = pocketsphinx.Decoder(hmm=str(hmm), lm=str(lm), dict=str(dic),
                                              samprate=self.sample_rate, loglevel="FATAL")
+        # The decoder carries feature state (cepstral mean and more) from one utterance to the
+        # next, so a hypothesis depended on what was decoded before it (measured: the same audio
+        # got different words in another order). Re-initialising the feature pipeline and the CMN
+        # estimate before every utterance (~0.1 ms) makes each transcript a function of its audio.
+        self._cmn_init = self._decoder.get_cmn()
+
+    def _decode(self, wav: np.ndarray) -> str:
+        pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        # full_utt=True decodes the whole utterance at once with batch cepstral mean
+        # normalisation.
+        self._decoder.reinit_feat()
+        self._decoder.set_cmn(self._cmn_init)
+        self._decoder.start_utt()
+        self._decoder.process_raw(pcm, no_search=False, full_utt=True)
+        self._decoder.end_utt()
+        hyp = self._decoder.hyp()
+        return hyp.hypstr.strip() if hyp is not None else ""
 
     def transcribe(self, wavs: list[np.ndarray]) -> list[str]:
         """Decode each waveform independently.
@@ -62,26 +84,41 @@ class PocketSphinxASR:
             0.1 s gives '' without decoding (pocketsphinx would otherwise hallucinate a word),
             with one warning per call; so does audio the decoder finds no words in.
         """
-        out, degenerate = [], []
-        for i, wav in enumerate(wavs):
-            wav = check_mono(wav, f"waveform {i}")
-            if is_silent_or_short(wav, self.sample_rate):
-                degenerate.append(i)
-                out.append("")
-                continue
-            pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-            # full_utt=True decodes the whole utterance at once with batch cepstral mean
-            # normalisation, so a hypothesis does not depend on what was decoded before it.
-            self._decoder.start_utt()
-            self._decoder.process_raw(pcm, no_search=False, full_utt=True)
-            self._decoder.end_utt()
-            hyp = self._decoder.hyp()
-            out.append(hyp.hypstr.strip() if hyp is not None else "")
+        wavs = [check_mono(w, f"waveform {i}") for i, w in enumerate(wavs)]
+        degenerate = [i for i, w in enumerate(wavs) if is_silent_or_short(w, self.sample_rate)]
+        todo = [i for i in range(len(wavs)) if i not in set(degenerate)]
+        out = [""] * len(wavs)
+        if self.workers > 1 and len(todo) >= 4 * self.workers:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
+
+            chunks = [todo[j::self.workers] for j in range(self.workers)]
+            # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork
+            with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                     initializer=_init_worker, initargs=(self.model_dir,)) as pool:
+                for chunk, hyps in zip(chunks, pool.map(_worker_decode, [[wavs[i] for i in c] for c in chunks])):
+                    for i, h in zip(chunk, hyps):
+                        out[i] = h
+        else:
+            for i in todo:
+                out[i] = self._decode(wavs[i])
         if degenerate:
             log.warning("pocketsphinx: %d of %d waveforms are silent or shorter than 0.1 s "
                         "(indices %s); transcribed as ''", len(degenerate), len(wavs),
                         degenerate[:20])
         return out
+
+
+_WORKER_ASR: "PocketSphinxASR | None" = None
+
+
+def _init_worker(model_dir):
+    global _WORKER_ASR
+    _WORKER_ASR = PocketSphinxASR(model_dir, workers=1)
+
+
+def _worker_decode(wavs: list[np.ndarray]) -> list[str]:
+    return [_WORKER_ASR._decode(w) for w in wavs]
 
 
 ASR_BACKENDS = {"pocketsphinx": PocketSphinxASR}

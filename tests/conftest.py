@@ -32,3 +32,10 @@ def real_speech_dir() -> Path:
 def _quiet_logs():
     logging.getLogger("speechalign").setLevel(logging.INFO)
     yield
+
+
+@pytest.fixture(scope="session")
+def ci_overrides(tmp_path_factory):
+    """Config overrides that keep CI runs, their corpus and caches in one session temp folder."""
+    root = tmp_path_factory.mktemp("ci_runs")
+    return [f"out_dir={root}", f"cache_dir={root / '_cache'}", f"data.corpus_dir={root / '_corpus'}"]

@@ -8,7 +8,8 @@ import pytest
 import soundfile as sf
 
 from align.corpus import CorpusConfig, generate_sentences, prepare_corpus, trim_silence
-from align.data import choose_prompt, load_manifest, normalize_text
+from align.data import choose_prompt, load_manifest
+from eval.text import normalize_text
 
 needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="flite not installed (apt-get install flite)")
 

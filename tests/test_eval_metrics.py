@@ -167,3 +167,16 @@ def test_resemblyzer_silence_gives_zero(speaker, real_speech_dir, caplog):
     assert "zero embeddings" in caplog.text
     with pytest.raises(ValueError, match="equal-length"):
         speaker.similarity(wavs[:2], wavs[:1])
+
+
+def test_pocketsphinx_transcripts_do_not_depend_on_order_or_workers(real_speech_dir):
+    """Each transcript is a function of its own audio: same words in any order, serial or in parallel."""
+    from align.data import load_manifest
+    from eval.asr import PocketSphinxASR
+
+    utts, _ = load_manifest(real_speech_dir / "manifest.jsonl")
+    wavs = [load_audio(u.audio, 16000) for u in utts[:8]]
+    serial = PocketSphinxASR(workers=1)
+    forward = serial.transcribe(wavs)
+    assert serial.transcribe(wavs[::-1])[::-1] == forward
+    assert PocketSphinxASR(workers=2).transcribe(wavs) == forward

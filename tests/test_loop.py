@@ -16,12 +16,6 @@ CI_CONFIG = REPO / "configs" / "ci.yaml"
 
 
 @pytest.fixture(scope="session")
-def ci_overrides(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ci_runs")
-    return [f"out_dir={root}", f"cache_dir={root / '_cache'}", f"data.corpus_dir={root / '_corpus'}"]
-
-
-@pytest.fixture(scope="session")
 def ci_run(ci_overrides):
     torch.set_num_threads(2)
     return run_loop(load_config(CI_CONFIG, ci_overrides))
@@ -128,3 +122,12 @@ def test_compare_command_writes_tables(ci_run, tmp_path):
     assert main(["compare", str(ci_run), "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp.csv").exists()
     assert "| run | round | wer | sim |" in (tmp_path / "cmp.md").read_text()
+
+
+def test_prepare_command_builds_corpus_without_a_run_dir(ci_run, ci_overrides, caplog):
+    from align.cli import main
+
+    args = ["prepare", str(CI_CONFIG)] + [x for o in ci_overrides + ["name=prepare_only"] for x in ("--set", o)]
+    assert main(args) == 0
+    assert "corpus ready" in caplog.text
+    assert not (load_config(CI_CONFIG, ci_overrides + ["name=prepare_only"]).run_dir).exists()

@@ -123,3 +123,17 @@ def test_lora_dpo_step_merges_into_a_plain_policy(tok, tmp_path):
     assert set(names) == set(before)  # no adapter weights left
     changed = [n for n in before if not torch.equal(names[n].detach(), before[n])]
     assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
+
+
+def test_nan_losses_stop_with_a_clear_error():
+    from types import SimpleNamespace
+
+    from align.base import _check_finite
+    from align.stages import nan_guard
+
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        _check_finite(torch.tensor(float("nan")), "base AR", 7)
+    guard = nan_guard()
+    guard.on_log(None, SimpleNamespace(global_step=3), None, logs={"loss": 0.5})  # finite: fine
+    with pytest.raises(FloatingPointError, match="dpo.learning_rate"):
+        guard.on_log(None, SimpleNamespace(global_step=4), None, logs={"loss": float("nan")})

@@ -54,7 +54,8 @@ def cmd_eval(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="speechalign", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="speechalign", description="SpeechAlign: iterative preference alignment of codec language models")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 

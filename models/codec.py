@@ -171,6 +171,11 @@ class MelRVQCodec:
         codes = torch.as_tensor(codes).long()
         if codes.ndim != 2 or codes.shape[1] == 0:
             return np.zeros(0, dtype=np.float32)
+        if codes.shape[1] < 4:
+            # Griffin-Lim cannot invert fewer frames than its window spans; a policy that stops
+            # after a frame or two said nothing: decode as silence (scored as such), not a crash.
+            self._check_codes(codes)
+            return np.zeros(codes.shape[1] * self.cfg.hop_length, dtype=np.float32)
         mel = torch.exp(self.dequantize(codes)).T  # [n_mels, T]
         linear = self._invert_mel(mel)  # [n_freq, T]
         with torch.no_grad():

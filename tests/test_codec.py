@@ -56,3 +56,12 @@ def test_encodec_random_init_round_trip(tmp_path):
 def test_encodec_missing_checkpoint_says_so():
     with pytest.raises(ValueError, match="does not exist"):
         EncodecCodec(CodecConfig(backend="encodec", checkpoint="/nonexistent/encodec.th"))
+
+
+def test_mel_rvq_decodes_a_too_short_output_as_silence():
+    codec = MelRVQCodec(CodecConfig(n_q=2, codebook_size=8), torch.randn(2, 8, 80))
+    for t in (1, 2, 3):
+        out = codec.decode(torch.zeros(2, t, dtype=torch.long))
+        assert out.shape == (t * 256,) and not out.any()
+    assert codec.decode(torch.zeros(2, 0, dtype=torch.long)).shape == (0,)
+    assert len(codec.decode(torch.zeros(2, 10, dtype=torch.long))) > 0

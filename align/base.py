@@ -184,11 +184,10 @@ def pretrained_base(ctx: "Context", out_dir: Path) -> dict:
     src = Path(ctx.cfg.policy.pretrained)
     if not (src / "speechalign.json").is_file():
         raise ValueError(f"policy.pretrained={src} is not a policy directory (speechalign.json missing)")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    tmp.rename(out_dir)
+    from align.io import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
     return {"copied_from": str(src)}
 
 

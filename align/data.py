@@ -22,11 +22,12 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from align.io import atomic_write_text
 from eval.text import normalize_text  # one normaliser: sentences match as WER sees them
 
 log = logging.getLogger("speechalign.data")
@@ -40,6 +41,7 @@ class Utterance:
 
     id: unique within a corpus. audio: absolute path to the audio file. text: the transcript as
     given (not normalised). speaker: speaker label. duration: length in seconds, if known.
+    prompt_audio / prompt_text: an evaluation manifest's chosen voice prompt (absolute path), if any.
     """
 
     id: str
@@ -47,6 +49,8 @@ class Utterance:
     text: str
     speaker: str
     duration: float | None = None
+    prompt_audio: str | None = None
+    prompt_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,27 +134,12 @@ def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance]) -> 
         row = {"id": u.id, "audio": os.path.relpath(u.audio, base), "text": u.text, "speaker": u.speaker}
         if u.duration is not None:
             row["duration"] = round(float(u.duration), 4)
+        if u.prompt_audio:
+            row["prompt_audio"] = os.path.relpath(u.prompt_audio, base)
+        if u.prompt_text:
+            row["prompt_text"] = u.prompt_text
         lines.append(json.dumps(row, ensure_ascii=False))
     atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to `path` via a temp file in the same folder and a rename, so a reader (or a
-    killed run) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a manifest should be readable like any file
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _is_jsonl(path: Path, text: str) -> bool:
@@ -218,13 +207,14 @@ def _row_to_utterance(uid: str, row: dict, base: Path) -> Utterance | Skip:
     audio = _cell(row.get("audio"))
     if not audio:
         return Skip(uid, "empty or missing audio path")
-    audio_path = Path(audio).expanduser()
-    if not audio_path.is_absolute():
-        audio_path = base / audio_path
-    # abspath, not resolve(): normalise `..` without swapping a symlinked data folder for its target.
-    audio_abs = os.path.abspath(audio_path)
+    audio_abs = _abs_audio(audio, base)
     if not os.path.isfile(audio_abs):
         return Skip(uid, f"audio file not found: {audio_abs}")
+    prompt_audio = _cell(row.get("prompt_audio")) or None
+    if prompt_audio:
+        prompt_audio = _abs_audio(prompt_audio, base)
+        if not os.path.isfile(prompt_audio):
+            return Skip(uid, f"prompt audio file not found: {prompt_audio}")
     duration = None
     raw = _cell(row.get("duration"))
     if raw:
@@ -234,7 +224,16 @@ def _row_to_utterance(uid: str, row: dict, base: Path) -> Utterance | Skip:
             return Skip(uid, f"duration {raw!r} is not a number of seconds")
         if not duration > 0:
             return Skip(uid, f"duration {raw!r} is not positive")
-    return Utterance(id=uid, audio=audio_abs, text=text, speaker=speaker, duration=duration)
+    return Utterance(id=uid, audio=audio_abs, text=text, speaker=speaker, duration=duration,
+                     prompt_audio=prompt_audio, prompt_text=_cell(row.get("prompt_text")) or None)
+
+
+def _abs_audio(audio: str, base: Path) -> str:
+    path = Path(audio).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    # abspath, not resolve(): normalise `..` without swapping a symlinked data folder for its target.
+    return os.path.abspath(path)
 
 
 def _summarise_skips(skips: list[Skip]) -> str:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,7 +25,8 @@ import torch
 import yaml
 
 from align.config import RunConfig, config_to_dict
-from align.data import Skip, Utterance, atomic_write_text, choose_prompt, load_any
+from align.data import Skip, Utterance, choose_prompt, load_any
+from align.io import atomic_dir, atomic_write_text
 from models.codec import Codec, build_codec, load_codec
 
 log = logging.getLogger("speechalign")
@@ -217,21 +217,22 @@ class Context:
             fit_wavs = [self.load_wav(u) for u in tqdm(self.splits.train, desc="codec fit audio", leave=False)]
         log.info("fitting/building the %s codec (cached in %s)", cfg.codec.backend, path)
         codec = build_codec(cfg.codec, fit_wavs)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        codec.save(tmp)
-        if path.exists():
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(path)
+        with atomic_dir(path, keep_existing=True) as tmp:  # another process may have built it meanwhile
+            codec.save(tmp)
         return codec
 
     def load_wav(self, utt: Utterance) -> np.ndarray:
+        """An utterance's audio, mono float32 at the codec's rate."""
         from align.audio import load_audio
 
-        return load_audio(utt.audio, self.codec.sample_rate if "codec" in self.__dict__ else self._codec_rate(),
-                          self.cfg.data.max_seconds)
+        return load_audio(utt.audio, self.sample_rate, self.cfg.data.max_seconds)
 
-    def _codec_rate(self) -> int:
+    @property
+    def sample_rate(self) -> int:
+        """The codec's sample rate, known from the config before the codec exists (it is fitted on audio
+        loaded at this rate)."""
+        if "codec" in self.__dict__:  # built (or loaded from a pretrained policy): ask it
+            return self.codec.sample_rate
         return 24000 if self.cfg.codec.backend == "encodec" else self.cfg.codec.sample_rate
 
     def codes(self, utt: Utterance) -> torch.LongTensor:

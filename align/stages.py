@@ -17,11 +17,12 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from align.io import atomic_dir
 
 if TYPE_CHECKING:
     from align.run import Context
@@ -140,21 +141,6 @@ class EvalConfig:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-def _fresh_dir(path: Path) -> Path:
-    """An empty temp folder beside ``path``; ``_commit_dir`` renames it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _commit_dir(tmp: Path, path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-
-
 def edit_distance(a: list[int], b: list[int]) -> int:
     """Levenshtein distance between two code sequences (O(len(a) * len(b)), numpy rows)."""
     if not a:
@@ -204,15 +190,13 @@ def sample(ctx: "Context", k: int) -> dict:
         for j, codes in enumerate(samples):
             rows.append({"id": u.id, "prompt_id": p.id, "text": u.text, "speaker": u.speaker, "sample": j,
                          "codes": codes.tolist()})
-    out = ctx.run.round_dir(k) / "samples"
-    tmp = _fresh_dir(out)
-    write_jsonl(tmp / "samples.jsonl", rows)
     n_tokens = sum(len(r["codes"]) for r in rows)
     stats = {"prompts": len(subset), "samples": len(rows), "tokens": n_tokens,
              "tokens_per_second": n_tokens / max(seconds, 1e-9),
              "empty": sum(1 for r in rows if not r["codes"])}
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    _commit_dir(tmp, out)
+    with atomic_dir(ctx.run.round_dir(k) / "samples") as tmp:
+        write_jsonl(tmp / "samples.jsonl", rows)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     log.info("round %d sample: %d samples, %.0f tokens/s", k, len(rows), stats["tokens_per_second"])
     return stats
 
@@ -262,14 +246,12 @@ def pair(ctx: "Context", k: int) -> dict:
     if not kept:
         raise ValueError(f"round {k}: every pair was filtered out (pair.min_distance={cfg.pair.min_distance}); "
                          "lower it or sample with more diversity")
-    out = ctx.run.round_dir(k) / "pairs"
-    tmp = _fresh_dir(out)
-    write_jsonl(tmp / "pairs.jsonl", pairs)
     stats = {"pairs": len(kept), "dropped": len(pairs) - len(kept),
              "mean_token_distance": float(np.mean([p["scores"]["token_distance"] for p in kept])),
              "mean_length_ratio": float(np.mean([p["scores"]["length_ratio"] for p in kept]))}
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    _commit_dir(tmp, out)
+    with atomic_dir(ctx.run.round_dir(k) / "pairs") as tmp:
+        write_jsonl(tmp / "pairs.jsonl", pairs)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     log.info("round %d pair: %d pairs kept, %d dropped", k, stats["pairs"], stats["dropped"])
     return stats
 
@@ -375,17 +357,15 @@ def evaluate(ctx: "Context", k: int) -> dict:
 
     ecfg = ctx.cfg.eval
     policy = Policy.load(ctx.run.policy_dir(k), device=ctx.device)
-    out = ctx.run.round_dir(k) / "eval"
-    tmp = _fresh_dir(out)
-    summary, rows = evaluate_policy(policy, eval_items(ctx), asr=build_asr(ecfg.asr),
-                                    speaker=build_speaker_encoder(ecfg.speaker), temperature=ecfg.temperature,
-                                    top_k=ecfg.top_k, top_p=ecfg.top_p, seed=ctx.cfg.seed + 7,
-                                    batch_size=ecfg.batch_size, save_audio_dir=tmp / "audio", save_n=ecfg.save_audio,
-                                    max_seconds=ctx.cfg.data.max_seconds)
-    for r in rows:
-        r["round"] = k
-    write_jsonl(tmp / "rows.jsonl", rows)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    _commit_dir(tmp, out)
+    with atomic_dir(ctx.run.round_dir(k) / "eval") as tmp:
+        summary, rows = evaluate_policy(policy, eval_items(ctx), asr=build_asr(ecfg.asr),
+                                        speaker=build_speaker_encoder(ecfg.speaker), temperature=ecfg.temperature,
+                                        top_k=ecfg.top_k, top_p=ecfg.top_p, seed=ctx.cfg.seed + 7,
+                                        batch_size=ecfg.batch_size, save_audio_dir=tmp / "audio", save_n=ecfg.save_audio,
+                                        max_seconds=ctx.cfg.data.max_seconds)
+        for r in rows:
+            r["round"] = k
+        write_jsonl(tmp / "rows.jsonl", rows)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("round %d eval: WER %.3f SIM %.3f (n=%d)", k, summary["wer"], summary["sim"], summary["n"])
     return summary

@@ -103,21 +103,9 @@ def evaluate_manifest(policy_dir: str, manifest: str, out: str, *, asr_name: str
     from eval.speaker import build_speaker_encoder
     from models.codec_lm import Policy
 
-    path = Path(manifest)
-    utts, skips = load_manifest(path)
-    raw = {}
-    for line in path.read_text().splitlines() if path.suffix != ".csv" else []:
-        if line.strip():
-            row = json.loads(line)
-            raw[str(row.get("id"))] = row
-    items = []
-    for u in utts:
-        pa = raw.get(u.id, {}).get("prompt_audio")
-        if pa:
-            pa = str((path.parent / pa).resolve()) if not Path(pa).is_absolute() else pa
-        else:
-            pa = choose_prompt(u, utts, seed).audio
-        items.append(EvalItem(u.id, u.text, u.speaker, u.audio, pa))
+    utts, skips = load_manifest(manifest)
+    items = [EvalItem(u.id, u.text, u.speaker, u.audio, u.prompt_audio or choose_prompt(u, utts, seed).audio)
+             for u in utts]
     policy = Policy.load(policy_dir, device=device)
     summary, rows = evaluate_policy(policy, items, asr=build_asr(asr_name), speaker=build_speaker_encoder(speaker_name),
                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

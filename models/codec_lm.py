@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,20 +180,16 @@ class Policy:
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the policy directory atomically (temp dir, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.lm.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        if self.nar is not None:
-            self.nar.save(tmp / "nar")
-        self.codec.save(tmp / "codec")
-        meta = dict(self.meta, layout_version=LAYOUT_VERSION, codec_identity=self.codec.identity)
-        (tmp / "speechalign.json").write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        from align.io import atomic_dir
+
+        with atomic_dir(path) as tmp:
+            self.lm.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if self.nar is not None:
+                self.nar.save(tmp / "nar")
+            self.codec.save(tmp / "codec")
+            meta = dict(self.meta, layout_version=LAYOUT_VERSION, codec_identity=self.codec.identity)
+            (tmp / "speechalign.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "Policy":

@@ -263,3 +263,26 @@ def test_split_by_text_keeps_held_out_sentences_out_of_train():
     assert {u.id for u in rev["test"]} == {u.id for u in split["test"]}
     with pytest.raises(ValueError, match="leaves no training sentence"):
         split_by_text(pool, 5, 5, seed=0)
+
+
+def test_eval_manifest_prompt_columns_load_from_jsonl_and_csv(tmp_path):
+    """`speechalign eval` manifests name their voice prompt; both formats carry it, relative to the file."""
+    _wav(tmp_path / "a.wav")
+    _wav(tmp_path / "p.wav")
+    jl = _jsonl(tmp_path / "m.jsonl", [{"id": "u1", "audio": "a.wav", "text": "hi", "speaker": "s",
+                                         "prompt_audio": "p.wav", "prompt_text": "the prompt"}])
+    csv = tmp_path / "m.csv"
+    csv.write_text("id,audio,text,speaker,prompt_audio,prompt_text\nu1,a.wav,hi,s,p.wav,the prompt\n")
+    for path in (jl, csv):
+        (u,), skips = load_manifest(path)
+        assert u.prompt_audio == str(tmp_path / "p.wav") and u.prompt_text == "the prompt" and not skips
+    # a missing prompt file is a recorded skip, not a crash later in evaluation
+    _jsonl(jl, [{"id": "u1", "audio": "a.wav", "text": "hi", "speaker": "s", "prompt_audio": "gone.wav"},
+                {"id": "u2", "audio": "a.wav", "text": "hi", "speaker": "s"}])
+    utts, skips = load_manifest(jl)
+    assert [u.id for u in utts] == ["u2"] and "prompt audio file not found" in skips[0].reason
+    # and a written manifest keeps the prompt
+    write_manifest(tmp_path / "out.jsonl", [Utterance("u1", str(tmp_path / "a.wav"), "hi", "s",
+                                                      prompt_audio=str(tmp_path / "p.wav"))])
+    (u,), _ = load_manifest(tmp_path / "out.jsonl")
+    assert u.prompt_audio == str(tmp_path / "p.wav")

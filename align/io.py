@@ -1,0 +1,59 @@
+"""Atomic writes: a reader, or a run killed half-way, never sees a half-written file or folder.
+
+    atomic_write_text(path, text)        temp file in the same folder, fsync, rename
+    with atomic_dir(path) as tmp: ...     fill ``tmp``; on success it replaces ``path`` whole
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file beside it and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; our outputs should be readable like any file
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path``; when the block succeeds it is renamed to ``path``.
+
+    An existing ``path`` is replaced, or, with ``keep_existing=True``, kept and the new folder
+    discarded (several processes building the same cache entry: the first one wins). If the block
+    raises, the temp folder is removed and ``path`` is untouched. The temp name carries the pid,
+    so two processes never write into one temp folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        if keep_existing:
+            shutil.rmtree(tmp)
+            return
+        shutil.rmtree(path)
+    tmp.rename(path)

@@ -111,7 +111,7 @@ def _examples(ctx: "Context", salt: int) -> list[tuple[str, torch.Tensor, torch.
 def sft_base(ctx: "Context", out_dir: Path) -> dict:
     """Train the AR policy and the NAR model on golden tokens; write ``out_dir`` (a policy dir)."""
     from models.codec_lm import (Policy, build_lm, build_tokenizer, completion_str, policy_meta, prompt_str,
-                                 text_to_tokens)
+                                 text_length)
     from models.nar import NARConfig, NARModel, nar_batch
 
     cfg, bcfg = ctx.cfg, ctx.cfg.base
@@ -119,14 +119,15 @@ def sft_base(ctx: "Context", out_dir: Path) -> dict:
     tok = build_tokenizer(codec.codebook_size)
     examples = _examples(ctx, 0)
     n_prompt = max(1, int(round(cfg.policy.prompt_seconds * codec.frame_rate)))
-    chars = sum(len(text_to_tokens(t).replace(" ", "")) for t, _, _ in examples)
+    frontend = cfg.policy.text_frontend
+    chars = sum(text_length(t, frontend) for t, _, _ in examples)
     frames = sum(c.shape[1] for _, c, _ in examples)
     frames_per_char = frames / max(1, chars)
 
     # -- AR: loss on the speech part only (the text and prompt are given at inference) --
     seqs = []
     for text, codes, prompt in examples:
-        p_ids = tok(prompt_str(prompt[0, :n_prompt], text), add_special_tokens=False)["input_ids"]
+        p_ids = tok(prompt_str(prompt[0, :n_prompt], text, frontend), add_special_tokens=False)["input_ids"]
         c_ids = tok(completion_str(codes[0]), add_special_tokens=False)["input_ids"]
         seqs.append((p_ids, c_ids))
     max_len = max(len(p) + len(c) for p, c in seqs)

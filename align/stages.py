@@ -231,6 +231,9 @@ def pair(ctx: "Context", k: int) -> dict:
     rows = read_jsonl(ctx.run.round_dir(k) / "samples" / "samples.jsonl")
     pairs = PAIR_STRATEGIES[cfg.pair.strategy](ctx, k, rows)
     n_prompt = max(1, int(round(cfg.policy.prompt_seconds * ctx.codec.frame_rate)))
+    # the sequence layout of the policy being trained (a pretrained one may differ from the config)
+    meta = json.loads((ctx.run.policy_dir(k - 1) / "speechalign.json").read_text())
+    frontend = meta.get("text_frontend", "chars")
     by_id = {u.id: u for u in ctx.splits.train}
     kept = [p for p in pairs if p["keep"]]
     if cfg.pair.max_pairs and len(kept) > cfg.pair.max_pairs:
@@ -240,7 +243,7 @@ def pair(ctx: "Context", k: int) -> dict:
         kept = [p for p in pairs if p["keep"]]
     for p in pairs:
         prompt_codes = ctx.codes(by_id[p["prompt_id"]])[0, :n_prompt]
-        p["prompt"] = prompt_str(prompt_codes, p["text"])
+        p["prompt"] = prompt_str(prompt_codes, p["text"], frontend)
         p["chosen"] = completion_str(p["chosen_codes"])
         p["rejected"] = completion_str(p["rejected_codes"])
     if not kept:

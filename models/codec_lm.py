@@ -21,6 +21,7 @@ A policy directory (what every round writes and ``Policy.load`` reads)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -37,6 +38,11 @@ log = logging.getLogger("speechalign.policy")
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<prompt>", "<text>", "<speech>"]
 TEXT_CHARS = list("abcdefghijklmnopqrstuvwxyz'") + ["|"]  # '|' marks a word boundary
+# ARPAbet phones (no stress), as in the CMU dictionary that the pocketsphinx package ships.
+PHONES = ["AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH", "IH", "IY",
+          "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH", "UW", "V", "W", "Y",
+          "Z", "ZH"]
+TEXT_FRONTENDS = ("chars", "phones")
 LAYOUT_VERSION = 1
 
 
@@ -57,6 +63,10 @@ class PolicyConfig:
     prompt_seconds: float = field(default=1.5, metadata={
         "help": "seconds of the voice prompt's codes prefixed to each sequence"})
     max_seconds: float = field(default=6.0, metadata={"help": "longest speech the policy may generate"})
+    text_frontend: str = field(default="chars", metadata={
+        "help": "how text enters the policy: chars (letters) or phones (ARPAbet from the CMU dictionary the "
+                "pocketsphinx package ships; out-of-dictionary words fall back to letters). Phones spare a "
+                "small model from learning English spelling from a few hundred sentences"})
     pretrained: str | None = field(default=None, metadata={
         "help": "start from this policy directory instead of training a base model"})
 
@@ -67,6 +77,8 @@ class PolicyConfig:
             raise ValueError(f"policy.prompt_seconds={self.prompt_seconds} must be in (0, 10]")
         if self.max_seconds <= 0:
             raise ValueError(f"policy.max_seconds={self.max_seconds} must be > 0")
+        if self.text_frontend not in TEXT_FRONTENDS:
+            raise ValueError(f"policy.text_frontend={self.text_frontend!r}: choose one of {TEXT_FRONTENDS}")
 
 
 # Named AR sizes. 'paper' is the LLaMA-7B shape the SpeechAlign paper used.
@@ -84,35 +96,63 @@ AR_SIZES = {
 # Vocabulary and sequence layout
 # ---------------------------------------------------------------------------------------------
 def build_tokenizer(codebook_size: int):
-    """A word-level ``PreTrainedTokenizerFast``: specials, characters, ``<a0>``..``<a{K-1}>``.
+    """A word-level ``PreTrainedTokenizerFast``: specials, characters, phones, ``<a0>``..``<a{K-1}>``.
 
-    Pre-tokenisation splits on whitespace and then isolates every ``<...>`` token and every other
-    character, so ``"<speech><a1>"`` and ``"c a t"`` tokenize the same with or without spaces.
+    Pre-tokenisation splits on whitespace and then isolates every ``<...>`` token, every run of
+    capitals (a phone) and every other character, so ``"<speech><a1>"`` and ``"c a t"`` tokenize
+    the same with or without spaces.
     """
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TEXT_CHARS +
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TEXT_CHARS + PHONES +
                                              [codec_token(i) for i in range(codebook_size)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex(r"<[^<>\s]+>|[^<]"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(r"<[^<>\s]+>|[A-Z]+|[^<]"), behavior="isolated"),
     ])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
         additional_special_tokens=["<prompt>", "<text>", "<speech>"], padding_side="left")
 
 
-def text_to_tokens(text: str) -> str:
-    """Normalised text as space-separated character tokens, ``|`` between words."""
+def text_to_tokens(text: str, frontend: str = "chars") -> str:
+    """Normalised text as space-separated tokens, ``|`` between words.
+
+    chars: ``"h i | t h e r e"``; phones: ``"HH AY | DH EH R"`` (letters for words the dictionary lacks).
+    """
     from eval.text import normalize_text
 
     words = ["".join(ch for ch in w if ch in TEXT_CHARS) for w in normalize_text(text).split()]
     words = [w for w in words if w]
     if not words:
         raise ValueError(f"text {text!r} has no speakable characters (a-z and ')")
+    if frontend == "phones":
+        lexicon = _cmudict()
+        return " | ".join(" ".join(lexicon.get(w) or w) for w in words)
+    if frontend != "chars":
+        raise ValueError(f"text frontend {frontend!r} unknown; choose one of {TEXT_FRONTENDS}")
     return " | ".join(" ".join(w) for w in words)
+
+
+@functools.lru_cache(maxsize=1)
+def _cmudict() -> dict[str, list[str]]:
+    """word -> ARPAbet phones (first pronunciation), from the dictionary inside the pocketsphinx package."""
+    import pocketsphinx
+
+    path = Path(pocketsphinx.get_model_path()) / "en-us" / "cmudict-en-us.dict"
+    lexicon: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        word, *phones = line.split()
+        if "(" not in word:  # "read(2)" and the like are alternative pronunciations
+            lexicon[word] = [p.rstrip("012") for p in phones]
+    return lexicon
+
+
+def text_length(text: str, frontend: str = "chars") -> int:
+    """Number of text tokens of ``text`` (what frames-per-token length estimates are relative to)."""
+    return len(text_to_tokens(text, frontend).split())
 
 
 def codes_to_str(codes) -> str:
@@ -120,9 +160,9 @@ def codes_to_str(codes) -> str:
     return " ".join(codec_token(int(c)) for c in codes)
 
 
-def prompt_str(prompt_codes, text: str) -> str:
+def prompt_str(prompt_codes, text: str, frontend: str = "chars") -> str:
     """The conditioning part of a sequence, ending with ``<speech>`` (DPO's ``prompt`` column)."""
-    return f"<bos> <prompt> {codes_to_str(prompt_codes)} <text> {text_to_tokens(text)} <speech>"
+    return f"<bos> <prompt> {codes_to_str(prompt_codes)} <text> {text_to_tokens(text, frontend)} <speech>"
 
 
 def completion_str(codes) -> str:
@@ -167,6 +207,10 @@ class Policy:
     nar: NARModel | None
     codec: Codec
     meta: dict = field(default_factory=dict)  # prompt_seconds, frames_per_char, max_seconds, ...
+
+    @property
+    def text_frontend(self) -> str:
+        return self.meta.get("text_frontend", "chars")  # policies saved before phones existed used chars
 
     @property
     def code_offset(self) -> int:
@@ -229,16 +273,18 @@ class Policy:
         allowed = torch.tensor(list(range(offset, offset + K)) + [tok.eos_token_id])
         processor = _AllowOnly(allowed, len(tok))
         max_frames = int(self.meta.get("max_seconds", 6.0) * self.codec.frame_rate)
-        fpc = float(self.meta.get("frames_per_char", 4.0))
+        fpc = float(self.meta.get("frames_per_char", 4.0))  # frames per text token
+        frontend = self.text_frontend
         results: list[list[torch.LongTensor]] = []
         order = range(0, len(texts), batch_size)
         for start in tqdm(order, desc="sampling", disable=not progress, leave=False):
             batch_texts = texts[start: start + batch_size]
-            strs = [prompt_str(self.prompt_codes(p)[0], t) for t, p in zip(batch_texts, prompts[start: start + batch_size])]
+            strs = [prompt_str(self.prompt_codes(p)[0], t, frontend)
+                    for t, p in zip(batch_texts, prompts[start: start + batch_size])]
             enc = tok(strs, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             # Cap length by the text: 2.5x the training data's frames per character, so a policy that
             # never emits <eos> cannot stall a round on max_seconds of babble.
-            longest = max(len(text_to_tokens(t).replace(" ", "")) for t in batch_texts)
+            longest = max(text_length(t, frontend) for t in batch_texts)
             max_new = int(min(max_frames, 2.5 * fpc * longest + 10))
             torch.manual_seed(seed + start)
             from transformers import LogitsProcessorList
@@ -277,5 +323,6 @@ class Policy:
 
 
 def policy_meta(cfg: PolicyConfig, frames_per_char: float) -> dict:
-    return {"prompt_seconds": cfg.prompt_seconds, "max_seconds": cfg.max_seconds,
+    """frames_per_char: golden frames per text token (a character or a phone, with word separators)."""
+    return {"prompt_seconds": cfg.prompt_seconds, "max_seconds": cfg.max_seconds, "text_frontend": cfg.text_frontend,
             "frames_per_char": frames_per_char, "size": cfg.size, "policy_config": dataclasses.asdict(cfg)}

@@ -27,6 +27,19 @@ def test_pair_token_layout_is_exact(tok):
     assert text_to_tokens("  Hello,   WORLD ") == "h e l l o | w o r l d"
 
 
+def test_phone_frontend_layout_and_tokens(tok):
+    """phones: ARPAbet from the CMU dictionary, stress dropped; unknown words fall back to letters."""
+    assert text_to_tokens("Hello, world!", "phones") == "HH AH L OW | W ER L D"
+    assert text_to_tokens("the zxqv", "phones") == "DH AH | z x q v"
+    prompt = prompt_str([3], "Don't read", "phones")
+    assert prompt == "<bos> <prompt> <a3> <text> D OW N T | R EH D <speech>"
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.convert_ids_to_tokens(ids)[3:8] == ["<text>", "D", "OW", "N", "T"]
+    with pytest.raises(ValueError, match="frontend"):
+        text_to_tokens("hi", "graphemes")
+
+
 def test_tokenizer_round_trip_and_prefix_property(tok):
     prompt, chosen = prompt_str([3, 1], "hi there"), completion_str([7, 7, 2])
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]

@@ -194,9 +194,9 @@ class Context:
                 raise ValueError(f"the {split} split is empty after skipping bad rows; see {where}")
         return Splits(out["train"], out["dev"], out["test"], skipped)
 
-    def prompt_for(self, utt: Utterance, pool: list[Utterance], salt: int = 0) -> Utterance:
-        """A different utterance of the same speaker as the voice prompt (deterministic)."""
-        return choose_prompt(utt, pool, self.cfg.seed + salt)
+    def prompt_for(self, utt: Utterance, pool: list[Utterance], salt: int = 0, min_seconds: float = 0.0) -> Utterance:
+        """A different utterance of the same speaker as the voice prompt (deterministic); see choose_prompt."""
+        return choose_prompt(utt, pool, self.cfg.seed + salt, min_seconds=min_seconds)
 
     # -- codec -----------------------------------------------------------------------------------
     @cached_property

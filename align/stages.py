@@ -415,7 +415,8 @@ def evaluate(ctx: "Context", k: int) -> dict:
     scorers = dict(asr=build_asr(ecfg.asr, **ecfg.asr_kwargs(ctx.device)),
                    speaker=build_speaker_encoder(ecfg.speaker, **ecfg.speaker_kwargs(ctx.device)),
                    quality=build_quality(ecfg.quality, **ecfg.quality_kwargs(ctx.device)))
-    sets = [("", None)] + [(Path(p).stem or Path(p).name, p) for p in ecfg.extra_sets]
+    # a folder keeps its whole name (VCTK-Corpus-0.92), a manifest loses its suffix
+    sets = [("", None)] + [(Path(p).name if Path(p).is_dir() else Path(p).stem, p) for p in ecfg.extra_sets]
     with atomic_dir(ctx.run.round_dir(k) / "eval") as tmp:
         for name, src in sets:
             out = tmp / name if name else tmp

@@ -30,6 +30,12 @@ def cmd_run(args) -> None:
     from eval.compare import compare_runs, to_markdown
 
     cfg = load_config(args.config, args.set)
+    if args.dry_run:
+        from align.dryrun import dry_run
+
+        code, text = dry_run(cfg, gpus=args.gpus, gpu_gb=args.gpu_gb)
+        print(text)
+        return code
     root = run_loop(cfg, only_stage=args.only_stage)
     print(to_markdown(compare_runs([root])))
 
@@ -48,8 +54,11 @@ def cmd_compare(args) -> None:
 def cmd_eval(args) -> None:
     from eval.evaluate import evaluate_manifest
 
+    asr_kwargs = {"model_dir" if args.asr == "pocketsphinx" else "model": args.asr_model} if args.asr_model else {}
+    speaker_kwargs = {"model": args.speaker_model} if args.speaker_model else {}
     result = evaluate_manifest(args.policy, args.manifest, args.out, asr_name=args.asr, speaker_name=args.speaker,
-                               temperature=args.temperature, seed=args.seed, device=args.device)
+                               temperature=args.temperature, seed=args.seed, device=args.device,
+                               quality_name=args.quality, asr_kwargs=asr_kwargs, speaker_kwargs=speaker_kwargs)
     print(f"WER {result['wer']:.4f}  SIM {result['sim']:.4f}  n={result['n']}  -> {args.out}")
 
 
@@ -69,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. dpo.beta=0.2")
     p.add_argument("--only-stage", choices=["base", "sample", "pair", "dpo", "evaluate"],
                    help="re-run only this stage in every round (replaces its output)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check paths, sizes, memory per stage and tokens per round without loading weights; "
+                        "exit 0 if runnable (warnings allowed), 2 if something is missing or does not fit")
+    p.add_argument("--gpus", type=int, default=None, help="--dry-run: GPUs the run will use (default $WORLD_SIZE or 1)")
+    p.add_argument("--gpu-gb", type=float, default=None,
+                   help="--dry-run: memory per GPU in GB (default: the visible GPU, else 80)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("compare", help="per-round table of one or more runs (CSV + Markdown)")
@@ -82,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--asr", default="pocketsphinx")
-    p.add_argument("--speaker", default="resemblyzer")
+    p.add_argument("--asr-model", help="whisper: hub id (cached) or local folder; pocketsphinx: model folder")
+    p.add_argument("--speaker", default="resemblyzer", help="resemblyzer, ecapa or wavlm")
+    p.add_argument("--speaker-model", help="ecapa/wavlm: local folder (or cached hub id for wavlm)")
+    p.add_argument("--quality", default="dnsmos_p808", help="dnsmos_p808, dnsmos or none")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -91,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        args.fn(args)
+        code = args.fn(args)
+        if code:
+            return code
     except (ValueError, FloatingPointError) as e:
         # Bad input or config: one clear line, no traceback (use -v for it).
         if args.verbose:

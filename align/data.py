@@ -441,13 +441,27 @@ def _stable_hash(*parts) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
-def choose_prompt(utt: Utterance, pool: list[Utterance], seed: int) -> Utterance:
+def audio_seconds(utt: Utterance) -> float:
+    """An utterance's length in seconds: its `duration` if known, else read from the file header."""
+    if utt.duration is not None:
+        return float(utt.duration)
+    import soundfile
+
+    try:
+        return float(soundfile.info(utt.audio).duration)
+    except RuntimeError as e:
+        raise ValueError(f"cannot read the length of {utt.audio} ({e}); check the file or drop the row") from e
+
+
+def choose_prompt(utt: Utterance, pool: list[Utterance], seed: int, min_seconds: float = 0.0) -> Utterance:
     """Pick the voice prompt for `utt`: another utterance of the same speaker.
 
     The candidate must differ in id, audio file and (normalised) sentence: a prompt that is the
     target itself, or the same sentence read again, leaks the answer into the condition.
     The pick is the candidate with the smallest hash of (seed, utt.id, candidate.id), so it is
     deterministic, independent of pool order, and mostly stable when the pool grows.
+    With `min_seconds` > 0 (zero-shot evaluation: a 3 s prompt is the usual protocol) only candidates
+    at least that long are considered; if the speaker has none, the longest candidate is taken.
     Raises ValueError if the speaker has no such other utterance.
     """
     target_text = normalize_text(utt.text)
@@ -464,6 +478,12 @@ def choose_prompt(utt: Utterance, pool: list[Utterance], seed: int) -> Utterance
             "not be the target or its sentence, or it leaks the target. Give each speaker at least two "
             "different sentences, or drop this speaker"
         )
+    if min_seconds > 0:
+        seconds = {u.id: audio_seconds(u) for u in candidates}
+        long_enough = [u for u in candidates if seconds[u.id] >= min_seconds]
+        if not long_enough:
+            return max(candidates, key=lambda u: (seconds[u.id], u.id))
+        candidates = long_enough
     return min(candidates, key=lambda u: (_stable_hash(seed, utt.id, u.id), u.id))
 
 

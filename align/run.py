@@ -27,7 +27,7 @@ import yaml
 from align.config import RunConfig, config_to_dict
 from align.data import Skip, Utterance, choose_prompt, load_any
 from align.io import atomic_dir, atomic_write_text
-from models.codec import Codec, build_codec, load_codec
+from models.codec import Codec, build_codec, codec_sample_rate, load_codec
 
 log = logging.getLogger("speechalign")
 
@@ -194,9 +194,9 @@ class Context:
                 raise ValueError(f"the {split} split is empty after skipping bad rows; see {where}")
         return Splits(out["train"], out["dev"], out["test"], skipped)
 
-    def prompt_for(self, utt: Utterance, pool: list[Utterance], salt: int = 0) -> Utterance:
-        """A different utterance of the same speaker as the voice prompt (deterministic)."""
-        return choose_prompt(utt, pool, self.cfg.seed + salt)
+    def prompt_for(self, utt: Utterance, pool: list[Utterance], salt: int = 0, min_seconds: float = 0.0) -> Utterance:
+        """A different utterance of the same speaker as the voice prompt (deterministic); see choose_prompt."""
+        return choose_prompt(utt, pool, self.cfg.seed + salt, min_seconds=min_seconds)
 
     # -- codec -----------------------------------------------------------------------------------
     @cached_property
@@ -233,7 +233,7 @@ class Context:
         loaded at this rate)."""
         if "codec" in self.__dict__:  # built (or loaded from a pretrained policy): ask it
             return self.codec.sample_rate
-        return 24000 if self.cfg.codec.backend == "encodec" else self.cfg.codec.sample_rate
+        return codec_sample_rate(self.cfg.codec)
 
     def codes(self, utt: Utterance) -> torch.LongTensor:
         """Golden codes of an utterance: LongTensor [n_q, T], encoded once per (codec, audio file)."""

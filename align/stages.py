@@ -17,6 +17,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -125,8 +126,28 @@ class EvalConfig:
     """How each round's policy is scored on the test split."""
 
     max_utterances: int = field(default=0, metadata={"help": "test utterances scored (a fixed subset); 0 = all"})
-    asr: str = field(default="pocketsphinx", metadata={"help": "ASR backend for WER"})
-    speaker: str = field(default="resemblyzer", metadata={"help": "speaker encoder for SIM"})
+    asr: str = field(default="pocketsphinx", metadata={"help": "ASR backend for WER: pocketsphinx (embedded) or whisper"})
+    asr_model: str | None = field(default=None, metadata={
+        "help": "whisper: hub id (already cached) or local folder, e.g. openai/whisper-large-v3; "
+                "pocketsphinx: a model folder (null = the one the package ships)"})
+    speaker: str = field(default="resemblyzer", metadata={
+        "help": "speaker encoder for SIM: resemblyzer (embedded), ecapa (speechbrain) or wavlm (WavLMForXVector)"})
+    speaker_model: str | None = field(default=None, metadata={
+        "help": "ecapa: local copy of speechbrain/spkrec-ecapa-voxceleb; wavlm: hub id (cached) or folder, "
+                "e.g. microsoft/wavlm-base-plus-sv; null = the backend's default id"})
+    quality: str = field(default="dnsmos_p808", metadata={
+        "help": "per-utterance MOS proxy: dnsmos_p808 (0.1 s CPU/utt), dnsmos (+ P.835 SIG/BAK/OVRL, 2 s CPU/utt), "
+                "utmos (needs utmos_checkpoint) or none"})
+    utmos_checkpoint: str | None = field(default=None, metadata={
+        "help": "quality=utmos: a UTMOS predictor exported to TorchScript (see eval/quality.py)"})
+    allow_download: bool = field(default=False, metadata={
+        "help": "let whisper/ecapa/wavlm fetch an uncached hub id (needs network); off: nothing is downloaded"})
+    extra_sets: list[str] = field(default_factory=list, metadata={
+        "help": "more test sets scored every round beside data.test (manifests or LibriSpeech/LibriTTS/VCTK "
+                "folders), e.g. VCTK for cross-corpus zero-shot; results in eval/<folder name>/"})
+    prompt_min_seconds: float = field(default=3.0, metadata={
+        "help": "voice prompt: another utterance of the target speaker at least this long (else the longest); "
+                "the policy keeps policy.prompt_seconds of it. 0 = any length"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature at evaluation; 0 = greedy"})
     top_k: int = field(default=50, metadata={"help": "top-k at evaluation"})
     top_p: float = field(default=1.0, metadata={"help": "top-p at evaluation"})
@@ -136,6 +157,37 @@ class EvalConfig:
     def __post_init__(self):
         if self.max_utterances < 0 or self.batch_size < 1:
             raise ValueError("eval.max_utterances >= 0 and eval.batch_size >= 1 are required")
+        from eval.asr import ASR_BACKENDS
+        from eval.speaker import SPEAKER_ENCODERS
+
+        if self.asr not in ASR_BACKENDS:
+            raise ValueError(f"eval.asr={self.asr!r}: choose one of {sorted(ASR_BACKENDS)}")
+        if self.speaker not in SPEAKER_ENCODERS:
+            raise ValueError(f"eval.speaker={self.speaker!r}: choose one of {sorted(SPEAKER_ENCODERS)}")
+        if self.quality not in ("none", "dnsmos_p808", "dnsmos", "utmos"):
+            raise ValueError(f"eval.quality={self.quality!r}: choose none, dnsmos_p808, dnsmos or utmos")
+        if self.quality == "utmos" and not self.utmos_checkpoint:
+            raise ValueError("eval.quality=utmos needs eval.utmos_checkpoint (a TorchScript UTMOS file)")
+        if self.prompt_min_seconds < 0:
+            raise ValueError(f"eval.prompt_min_seconds={self.prompt_min_seconds} must be >= 0")
+
+    def asr_kwargs(self, device: str) -> dict:
+        """Constructor arguments of the configured ASR backend."""
+        if self.asr == "whisper":
+            return {"device": device, "allow_download": self.allow_download,
+                    **({"model": self.asr_model} if self.asr_model else {})}
+        return {"model_dir": self.asr_model} if self.asr_model else {}
+
+    def speaker_kwargs(self, device: str) -> dict:
+        """Constructor arguments of the configured speaker encoder."""
+        if self.speaker == "resemblyzer":
+            return {"device": device}
+        return {"device": device, "allow_download": self.allow_download,
+                **({"model": self.speaker_model} if self.speaker_model else {})}
+
+    def quality_kwargs(self, device: str) -> dict:
+        """Constructor arguments of the configured quality model."""
+        return {"checkpoint": self.utmos_checkpoint, "device": device} if self.quality == "utmos" else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,15 +389,15 @@ def dpo(ctx: "Context", k: int) -> dict:
     return stats
 
 
-def eval_items(ctx: "Context"):
+def eval_items(ctx: "Context", test=None):
     """The fixed evaluation set: test utterances with their voice prompts (same across rounds)."""
     from eval.evaluate import EvalItem
 
-    test = ctx.splits.test
+    test = ctx.splits.test if test is None else test
     items = _round_subset(test, ctx.cfg.eval.max_utterances, ctx.cfg.seed)
     out = []
     for u in items:
-        p = ctx.prompt_for(u, test)
+        p = ctx.prompt_for(u, test, min_seconds=ctx.cfg.eval.prompt_min_seconds)
         out.append(EvalItem(u.id, u.text, u.speaker, u.audio, p.audio, prompt_codes=ctx.codes(p)))
     return out
 
@@ -355,20 +407,38 @@ def evaluate(ctx: "Context", k: int) -> dict:
     from align.run import write_jsonl
     from eval.asr import build_asr
     from eval.evaluate import evaluate_policy
+    from eval.quality import build_quality
     from eval.speaker import build_speaker_encoder
     from models.codec_lm import Policy
 
+    from align.data import load_any
+
     ecfg = ctx.cfg.eval
     policy = Policy.load(ctx.run.policy_dir(k), device=ctx.device)
+    scorers = dict(asr=build_asr(ecfg.asr, **ecfg.asr_kwargs(ctx.device)),
+                   speaker=build_speaker_encoder(ecfg.speaker, **ecfg.speaker_kwargs(ctx.device)),
+                   quality=build_quality(ecfg.quality, **ecfg.quality_kwargs(ctx.device)))
+    # a folder keeps its whole name (VCTK-Corpus-0.92), a manifest loses its suffix
+    sets = [("", None)] + [(Path(p).name if Path(p).is_dir() else Path(p).stem, p) for p in ecfg.extra_sets]
     with atomic_dir(ctx.run.round_dir(k) / "eval") as tmp:
-        summary, rows = evaluate_policy(policy, eval_items(ctx), asr=build_asr(ecfg.asr),
-                                        speaker=build_speaker_encoder(ecfg.speaker), temperature=ecfg.temperature,
-                                        top_k=ecfg.top_k, top_p=ecfg.top_p, seed=ctx.cfg.seed + 7,
-                                        batch_size=ecfg.batch_size, save_audio_dir=tmp / "audio", save_n=ecfg.save_audio,
-                                        max_seconds=ctx.cfg.data.max_seconds)
-        for r in rows:
-            r["round"] = k
-        write_jsonl(tmp / "rows.jsonl", rows)
+        for name, src in sets:
+            out = tmp / name if name else tmp
+            out.mkdir(parents=True, exist_ok=True)
+            set_summary, rows = evaluate_policy(
+                policy, eval_items(ctx, None if src is None else load_any(src)[0]), **scorers,
+                temperature=ecfg.temperature, top_k=ecfg.top_k, top_p=ecfg.top_p, seed=ctx.cfg.seed + 7,
+                batch_size=ecfg.batch_size, save_audio_dir=out / "audio", save_n=ecfg.save_audio,
+                max_seconds=ctx.cfg.data.max_seconds)
+            for r in rows:
+                r["round"] = k
+            write_jsonl(out / "rows.jsonl", rows)
+            (out / "summary.json").write_text(json.dumps(set_summary, indent=2))
+            if not name:
+                summary = set_summary
+            else:
+                summary.setdefault("extra", {})[name] = {key: set_summary.get(key) for key in
+                                                         ("wer", "sim", "dnsmos", "utmos", "n")}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("round %d eval: WER %.3f SIM %.3f (n=%d)", k, summary["wer"], summary["sim"], summary["n"])
+    log.info("round %d eval: WER %.3f SIM %.3f %s(n=%d)", k, summary["wer"], summary["sim"],
+             "".join(f"{q} {summary[q]:.3f} " for q in ("dnsmos", "utmos") if summary.get(q) is not None), summary["n"])
     return summary

@@ -3,6 +3,15 @@
 A backend is any object with `name`, `sample_rate` and `transcribe(wavs) -> list[str]`; it
 returns raw hypotheses, and WER normalises both sides with `eval.text.normalize_text`, so every
 backend is scored the same way.
+
+Backends: `pocketsphinx` (embedded, CPU, offline; the default) and `whisper` (transformers'
+WhisperForConditionalGeneration, a hub id or a local folder; English, greedy, batched). Whisper
+writes numbers as digits and adds punctuation and case; `normalize_text` spells digits out and
+drops case and punctuation on both sides, which is what Whisper's own English normaliser achieves
+the other way round (words -> digits). One known difference: a year that Whisper writes as
+"1813" reads "one thousand eight hundred thirteen" after normalisation, so a reference that spells
+it "eighteen thirteen" costs those words; LibriSpeech references spell numbers out in words, so
+this affects only hypotheses, and the same way in every round.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
+import torch
 
 from align.audio import check_mono, is_silent_or_short
 from eval.text import normalize_text
@@ -121,11 +131,95 @@ def _worker_decode(wavs: list[np.ndarray]) -> list[str]:
     return [_WORKER_ASR._decode(w) for w in wavs]
 
 
-ASR_BACKENDS = {"pocketsphinx": PocketSphinxASR}
+class WhisperASR:
+    """Whisper through transformers: English, greedy, batched, short-form (<= 30 s per utterance).
+
+    Loads ``WhisperForConditionalGeneration`` and ``WhisperProcessor`` from a hub id (e.g.
+    ``openai/whisper-large-v3``, the paper's WER model) or a local folder written by
+    ``save_pretrained``. By default nothing is downloaded (``local_files_only``): a hub id must
+    already be in the Hugging Face cache.
+    """
+
+    name = "whisper"
+    sample_rate = 16000
+
+    def __init__(self, model: str = "openai/whisper-large-v3", device: str = "cpu", batch_size: int = 16,
+                 max_new_tokens: int = 128, allow_download: bool = False):
+        """
+        Args:
+            model: hub id or local folder with config.json, model weights, generation_config.json
+                and the processor files (tokenizer + preprocessor_config.json).
+            device: torch device; on CUDA the model runs in float16.
+            batch_size: utterances per generate() call.
+            max_new_tokens: cap on transcript tokens per utterance (Whisper's limit is 448).
+            allow_download: let transformers fetch a hub id that is not cached (needs network;
+                off by default so that nothing in an evaluation reaches for the network).
+        """
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        self.model_id, self.device, self.batch_size, self.max_new_tokens = model, device, batch_size, max_new_tokens
+        local_only = not allow_download or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        try:
+            self.processor = WhisperProcessor.from_pretrained(model, local_files_only=local_only)
+            dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+            self.model = WhisperForConditionalGeneration.from_pretrained(
+                model, local_files_only=local_only, dtype=dtype).to(device).eval()
+        except OSError as e:
+            raise ValueError(
+                f"whisper model {model!r} could not be loaded ({str(e).splitlines()[0]}). It is neither a local "
+                "folder nor in the Hugging Face cache, and downloads are off: on a machine with network run "
+                f"`huggingface-cli download {model} --local-dir DIR` (or save_pretrained a model there), copy DIR "
+                "here and set eval.asr_model=DIR") from e
+        gc = self.model.generation_config
+        # Multilingual checkpoints are told the language and task; English-only ones (*.en) refuse them.
+        self._generate_kwargs = ({"language": "en", "task": "transcribe"} if getattr(gc, "is_multilingual", False)
+                                 else {})
+
+    @torch.no_grad()
+    def transcribe(self, wavs: list[np.ndarray]) -> list[str]:
+        """Transcribe each waveform.
+
+        Args:
+            wavs: B float32 `[n_samples]` arrays, mono at 16 kHz. Longer than 30 s is cut to
+                30 s by the feature extractor (with a warning): Whisper's short-form limit.
+
+        Returns:
+            B raw hypotheses (Whisper's case and punctuation; not normalised). Silence or audio
+            shorter than 0.1 s gives '' without decoding, as for pocketsphinx.
+        """
+        from tqdm import tqdm
+
+        wavs = [check_mono(w, f"waveform {i}") for i, w in enumerate(wavs)]
+        degenerate = [i for i, w in enumerate(wavs) if is_silent_or_short(w, self.sample_rate)]
+        long = [i for i, w in enumerate(wavs) if len(w) > 30 * self.sample_rate]
+        if long:
+            log.warning("whisper: %d waveforms are longer than 30 s and are cut to 30 s (indices %s)",
+                        len(long), long[:20])
+        todo = [i for i in range(len(wavs)) if i not in set(degenerate)]
+        out = [""] * len(wavs)
+        for start in tqdm(range(0, len(todo), self.batch_size), desc="whisper", leave=False,
+                          disable=len(todo) <= self.batch_size):
+            idx = todo[start:start + self.batch_size]
+            feats = self.processor.feature_extractor(
+                [wavs[i] for i in idx], sampling_rate=self.sample_rate, return_tensors="pt",
+                return_attention_mask=True)
+            tokens = self.model.generate(
+                feats.input_features.to(self.device, self.model.dtype),
+                attention_mask=feats.attention_mask.to(self.device), do_sample=False, num_beams=1,
+                max_new_tokens=self.max_new_tokens, **self._generate_kwargs)
+            for i, text in zip(idx, self.processor.batch_decode(tokens, skip_special_tokens=True)):
+                out[i] = text.strip()
+        if degenerate:
+            log.warning("whisper: %d of %d waveforms are silent or shorter than 0.1 s (indices %s); "
+                        "transcribed as ''", len(degenerate), len(wavs), degenerate[:20])
+        return out
+
+
+ASR_BACKENDS = {"pocketsphinx": PocketSphinxASR, "whisper": WhisperASR}
 
 
 def build_asr(name: str = "pocketsphinx", **kwargs):
-    """Build an ASR backend by name; kwargs go to its constructor."""
+    """Build an ASR backend by name; kwargs go to its constructor (whisper: model=, device=, ...)."""
     if name not in ASR_BACKENDS:
         raise ValueError(f"unknown ASR backend {name!r}; known: {sorted(ASR_BACKENDS)}")
     return ASR_BACKENDS[name](**kwargs)

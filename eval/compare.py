@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["run", "round", "wer", "sim", "reward_accuracy", "reward_margin", "dpo_loss", "pairs",
+COLUMNS = ["run", "round", "wer", "sim", "dnsmos", "utmos", "reward_accuracy", "reward_margin", "dpo_loss", "pairs",
            "mean_token_distance", "n_eval", "empty_outputs"]
 
 

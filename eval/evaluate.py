@@ -2,7 +2,8 @@
 
 WER: the ASR backend's transcript of the synthesised audio against the text (one normaliser,
 ``eval.text.normalize_text``). SIM: speaker-embedding cosine between the synthesised audio and a
-real recording of the target speaker (the utterance's own ``audio``).
+real recording of the target speaker (the utterance's own ``audio``). Quality (optional): a
+non-intrusive MOS proxy per utterance (DNSMOS P.808 by default, ``eval.quality``).
 """
 from __future__ import annotations
 
@@ -33,11 +34,13 @@ class EvalItem:
 
 def evaluate_policy(policy, items: list[EvalItem], *, asr, speaker, temperature: float, top_k: int, top_p: float,
                     seed: int, batch_size: int, save_audio_dir: Path | None = None, save_n: int = 0,
-                    max_seconds: float | None = None) -> tuple[dict, list[dict]]:
+                    max_seconds: float | None = None, quality=None) -> tuple[dict, list[dict]]:
     """Synthesise and score every item.
 
-    Returns (summary, rows): summary has corpus WER, mean SIM, counts and timings; rows one dict per
-    utterance (id, text, speaker, hypothesis, wer, sim, duration, n_frames, golden_frames).
+    Returns (summary, rows): summary has corpus WER, mean SIM, the mean of each quality score (over
+    the utterances it could score; NaN ones, i.e. silent outputs, are counted in ``quality_unscored``),
+    counts and timings; rows one dict per utterance (id, text, speaker, hypothesis, wer, sim,
+    duration, n_frames, and the quality model's keys, e.g. ``dnsmos``).
     """
     from eval.asr import corpus_wer, utterance_wer
 
@@ -67,12 +70,17 @@ def evaluate_policy(policy, items: list[EvalItem], *, asr, speaker, temperature:
     spk_in = [resample(w, codec.sample_rate, speaker.sample_rate) if len(w) else w for w in wavs]
     sims = speaker.similarity(spk_in, refs)
     t_sim = time.time() - t0
+    t0 = time.time()
+    scores = [{} for _ in wavs]
+    if quality is not None:
+        scores = quality.score([resample(w, codec.sample_rate, quality.sample_rate) if len(w) else w for w in wavs])
+    t_quality = time.time() - t0
 
     rows = []
-    for i, (it, s, w, h, sim) in enumerate(zip(items, samples, wavs, hyps, sims)):
+    for i, (it, s, w, h, sim, q) in enumerate(zip(items, samples, wavs, hyps, sims, scores)):
         rows.append({"id": it.id, "text": it.text, "speaker": it.speaker, "hypothesis": h,
                      "wer": utterance_wer(it.text, h), "sim": float(sim), "duration": len(w) / codec.sample_rate,
-                     "n_frames": int(s[0].numel())})
+                     "n_frames": int(s[0].numel()), **q})
         if save_audio_dir is not None and i < save_n and len(w):
             save_audio(Path(save_audio_dir) / f"{it.id}.wav", w, codec.sample_rate)
     summary = {
@@ -83,33 +91,44 @@ def evaluate_policy(policy, items: list[EvalItem], *, asr, speaker, temperature:
         "empty_outputs": sum(1 for r in rows if r["n_frames"] == 0),
         "mean_duration": float(np.mean([r["duration"] for r in rows])),
         "seconds": {"generate": round(t_gen, 2), "render": round(t_render, 2), "asr": round(t_asr, 2),
-                    "sim": round(t_sim, 2)},
+                    "sim": round(t_sim, 2), "quality": round(t_quality, 2)},
     }
+    if quality is not None:
+        for key in quality.keys:
+            vals = np.array([q[key] for q in scores], dtype=np.float64)
+            summary[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
+        summary["quality_unscored"] = int(sum(not np.isfinite(q[quality.keys[0]]) for q in scores))
     return summary, rows
 
 
 def evaluate_manifest(policy_dir: str, manifest: str, out: str, *, asr_name: str = "pocketsphinx",
                       speaker_name: str = "resemblyzer", temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0,
-                      seed: int = 0, batch_size: int = 16, device: str = "cpu") -> dict:
+                      seed: int = 0, batch_size: int = 16, device: str = "cpu", quality_name: str = "dnsmos_p808",
+                      asr_kwargs: dict | None = None, speaker_kwargs: dict | None = None,
+                      prompt_min_seconds: float = 3.0) -> dict:
     """``speechalign eval``: evaluate any policy directory on any manifest; writes ``out`` (JSON).
 
     Manifest rows: ``{id, text, speaker, audio, prompt_audio, prompt_text}`` (paths relative to the
-    manifest). Rows without ``prompt_audio`` get another utterance of the same speaker as prompt.
+    manifest). Rows without ``prompt_audio`` get another utterance of the same speaker as prompt
+    (at least ``prompt_min_seconds`` long when the speaker has one).
     """
     import json
 
     from align.data import atomic_write_text, choose_prompt, load_manifest
     from eval.asr import build_asr
+    from eval.quality import build_quality
     from eval.speaker import build_speaker_encoder
     from models.codec_lm import Policy
 
     utts, skips = load_manifest(manifest)
-    items = [EvalItem(u.id, u.text, u.speaker, u.audio, u.prompt_audio or choose_prompt(u, utts, seed).audio)
+    items = [EvalItem(u.id, u.text, u.speaker, u.audio,
+                      u.prompt_audio or choose_prompt(u, utts, seed, min_seconds=prompt_min_seconds).audio)
              for u in utts]
     policy = Policy.load(policy_dir, device=device)
-    summary, rows = evaluate_policy(policy, items, asr=build_asr(asr_name), speaker=build_speaker_encoder(speaker_name),
-                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                    batch_size=batch_size)
+    summary, rows = evaluate_policy(policy, items, asr=build_asr(asr_name, **(asr_kwargs or {})),
+                                    speaker=build_speaker_encoder(speaker_name, **(speaker_kwargs or {})),
+                                    quality=build_quality(quality_name), temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seed=seed, batch_size=batch_size)
     result = dict(summary, policy=str(policy_dir), manifest=str(manifest), skipped=[s.__dict__ for s in skips],
                   rows=rows)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")

@@ -3,6 +3,11 @@
 An encoder is any object with `name`, `sample_rate`, `embed(wavs) -> [B, D]` (L2-normalised rows)
 and `similarity(a, b) -> [B]`. Degenerate audio (silence, < 0.1 s) embeds to a zero row, so its
 similarity to anything is 0.0: the worst score, which is what a silent generation deserves.
+
+Encoders: `resemblyzer` (embedded GE2E d-vectors, the offline default), `ecapa` (speechbrain's
+ECAPA-TDNN, e.g. speechbrain/spkrec-ecapa-voxceleb, from a local folder) and `wavlm` (transformers'
+WavLMForXVector, e.g. microsoft/wavlm-base-plus-sv, the SIM model of VALL-E-style papers). Neither
+of the last two is downloaded unless `allow_download=True`.
 """
 
 from __future__ import annotations
@@ -147,11 +152,155 @@ class ResemblyzerSpeaker:
         return np.sum(self.embed(a) * self.embed(b), axis=1).astype(np.float32)
 
 
-SPEAKER_ENCODERS = {"resemblyzer": ResemblyzerSpeaker}
+def _embed_rows(wavs: list[np.ndarray], sample_rate: int, dim: int, batch_size: int, forward, name: str) -> np.ndarray:
+    """Shared by the neural encoders: skip degenerate audio, batch the rest through
+    `forward(list of [n_samples] arrays) -> FloatTensor [b, D]`, L2-normalise.
+
+    batch_size 1 (the encoders' default) makes each embedding a function of its own audio; in a
+    padded batch the zeros leak into convolutions and normalisation (measured on a tiny ECAPA:
+    cosine 0.98 between one utterance embedded alone and padded), which is worth it on a GPU only.
+
+    Returns float32 `[B, D]`; zero rows for silence, audio under 0.1 s or a zero embedding.
+    """
+    out = np.zeros((len(wavs), dim), dtype=np.float32)
+    wavs = [check_mono(w, f"waveform {i}") for i, w in enumerate(wavs)]
+    degenerate = [i for i, w in enumerate(wavs) if is_silent_or_short(w, sample_rate)]
+    todo = [i for i in range(len(wavs)) if i not in set(degenerate)]
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        emb = forward([wavs[i] for i in idx]).float().cpu().numpy()
+        norms = np.linalg.norm(emb, axis=1)
+        for i, e, n in zip(idx, emb, norms):
+            if n > 0 and np.isfinite(n):
+                out[i] = e / n
+            else:
+                degenerate.append(i)
+    if degenerate:
+        log.warning("%s: %d of %d waveforms are silent, shorter than 0.1 s or unembeddable (indices %s); given "
+                    "zero embeddings (similarity 0.0)", name, len(degenerate), len(wavs), sorted(degenerate)[:20])
+    return out
+
+
+def _pad(wavs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """B arrays -> (FloatTensor [B, T_max] zero-padded, lengths LongTensor [B])."""
+    lengths = torch.tensor([len(w) for w in wavs])
+    batch = torch.zeros(len(wavs), int(lengths.max()))
+    for i, w in enumerate(wavs):
+        batch[i, :len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+    return batch, lengths
+
+
+def _cosine_pairs(encoder, a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    if len(a) != len(b):
+        raise ValueError(f"similarity got {len(a)} and {len(b)} waveforms; pass pairs of "
+                         f"equal-length lists (a[i] is compared with b[i])")
+    return np.sum(encoder.embed(a) * encoder.embed(b), axis=1).astype(np.float32)
+
+
+def _not_local(kind: str, model: str, key: str) -> ValueError:
+    return ValueError(
+        f"{kind} model {model!r} is not a local folder (or not in the cache) and downloads are off: on a machine "
+        f"with network run `huggingface-cli download {model} --local-dir DIR`, copy DIR here and set "
+        f"eval.{key}=DIR")
+
+
+class ECAPASpeaker:
+    """speechbrain's ECAPA-TDNN speaker encoder (192-d x-vectors; cosine in [-1, 1]).
+
+    Loaded with ``EncoderClassifier.from_hparams`` from a folder holding the model's
+    ``hyperparams.yaml`` and the checkpoints it names (``embedding_model.ckpt``, ...), i.e. a local
+    copy of ``speechbrain/spkrec-ecapa-voxceleb``. The yaml's ``pretrained_path`` (which names the
+    hub repo) is pointed at the folder, so nothing is fetched.
+    """
+
+    name = "ecapa"
+    sample_rate = 16000
+
+    def __init__(self, model: str = "speechbrain/spkrec-ecapa-voxceleb", device: str = "cpu", batch_size: int = 1,
+                 allow_download: bool = False):
+        import tempfile
+        from pathlib import Path
+
+        from speechbrain.inference.speaker import EncoderClassifier
+
+        src = Path(model).expanduser()
+        if not (src / "hyperparams.yaml").is_file():
+            if not allow_download:
+                raise _not_local("ECAPA", model, "speaker_model")
+            source, overrides = model, {}
+        else:
+            source = str(src.absolute())
+            # Released hparams fetch '<pretrained_path>/embedding_model.ckpt' where pretrained_path is the hub
+            # repo; overriding it (only if present: speechbrain rejects unknown overrides) keeps the load local.
+            text = (src / "hyperparams.yaml").read_text()
+            overrides = {"pretrained_path": source} if "\npretrained_path:" in "\n" + text else {}
+        # speechbrain links the checkpoints into savedir; a private temp folder keeps the source untouched.
+        self._savedir = tempfile.mkdtemp(prefix="speechalign-ecapa-")
+        self.model = EncoderClassifier.from_hparams(source=source, savedir=self._savedir, overrides=overrides,
+                                                    run_opts={"device": device})
+        self.model.eval()
+        self.device, self.batch_size = device, batch_size
+        with torch.no_grad():
+            self.dim = int(self._forward([np.zeros(self.sample_rate, dtype=np.float32)]).shape[-1])
+
+    @torch.no_grad()
+    def _forward(self, wavs: list[np.ndarray]) -> torch.Tensor:
+        batch, lengths = _pad(wavs)
+        emb = self.model.encode_batch(batch, wav_lens=lengths.float() / lengths.max())  # [b, 1, D]
+        return emb.reshape(len(wavs), -1)
+
+    def embed(self, wavs: list[np.ndarray]) -> np.ndarray:
+        """wavs: B float32 `[n_samples]` mono 16 kHz -> float32 `[B, D]` L2-normalised (zero rows if degenerate)."""
+        return _embed_rows(wavs, self.sample_rate, self.dim, self.batch_size, self._forward, self.name)
+
+    def similarity(self, a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+        """Cosine of a[i] and b[i]: float32 `[B]`; 0.0 where either side is degenerate."""
+        return _cosine_pairs(self, a, b)
+
+
+class WavLMSpeaker:
+    """WavLM + x-vector head through transformers (``WavLMForXVector``), e.g. microsoft/wavlm-base-plus-sv.
+
+    Loads the model and its feature extractor from a hub id already in the Hugging Face cache or a
+    local folder written by ``save_pretrained``; no download unless ``allow_download``.
+    """
+
+    name = "wavlm"
+    sample_rate = 16000
+
+    def __init__(self, model: str = "microsoft/wavlm-base-plus-sv", device: str = "cpu", batch_size: int = 1,
+                 allow_download: bool = False):
+        from transformers import AutoFeatureExtractor, WavLMForXVector
+
+        try:
+            self.extractor = AutoFeatureExtractor.from_pretrained(model, local_files_only=not allow_download)
+            self.model = WavLMForXVector.from_pretrained(model, local_files_only=not allow_download).to(device).eval()
+        except OSError as e:
+            raise _not_local("WavLM", model, "speaker_model") from e
+        self.device, self.batch_size = device, batch_size
+        self.dim = int(self.model.config.xvector_output_dim)
+
+    @torch.no_grad()
+    def _forward(self, wavs: list[np.ndarray]) -> torch.Tensor:
+        feats = self.extractor(wavs, sampling_rate=self.sample_rate, return_tensors="pt", padding=True,
+                               return_attention_mask=True)
+        feats = {k: v.to(self.device) for k, v in feats.items()}
+        return self.model(**feats).embeddings  # [b, D]
+
+    def embed(self, wavs: list[np.ndarray]) -> np.ndarray:
+        """wavs: B float32 `[n_samples]` mono 16 kHz -> float32 `[B, D]` L2-normalised (zero rows if degenerate)."""
+        return _embed_rows(wavs, self.sample_rate, self.dim, self.batch_size, self._forward, self.name)
+
+    def similarity(self, a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+        """Cosine of a[i] and b[i]: float32 `[B]`; 0.0 where either side is degenerate."""
+        return _cosine_pairs(self, a, b)
+
+
+SPEAKER_ENCODERS = {"resemblyzer": ResemblyzerSpeaker, "ecapa": ECAPASpeaker, "wavlm": WavLMSpeaker}
 
 
 def build_speaker_encoder(name: str = "resemblyzer", **kwargs):
-    """Build a speaker encoder by name; kwargs go to its constructor."""
+    """Build a speaker encoder by name; kwargs go to its constructor (ecapa/wavlm: model=, device=, ...)."""
     if name not in SPEAKER_ENCODERS:
         raise ValueError(f"unknown speaker encoder {name!r}; known: {sorted(SPEAKER_ENCODERS)}")
     return SPEAKER_ENCODERS[name](**kwargs)

@@ -1,13 +1,17 @@
 """Audio codecs: waveform <-> discrete tokens ``[n_q, T]``.
 
-One interface, two backends:
+One interface, three backends:
 
 * ``mel_rvq`` (the embedded default): a residual vector quantiser over log-mel frames whose
   codebooks are fitted by k-means on the training corpus, decoded by mel pseudo-inversion and
   Griffin-Lim. It needs no download and no GPU, fits in a minute, and its first codebook is a
   phone-like spectral cluster, which is what the AR policy has to predict.
 * ``encodec`` (the ``encodec`` package's 24 kHz SEANet + RVQ model): pretrained weights from a
-  local checkpoint; random weights only in tests.
+  local checkpoint or the torch hub cache (never downloaded); random weights only in tests.
+* ``speechtokenizer`` (the ``speechtokenizer`` package; 16 kHz, 50 Hz, 8 x 1024): the codec of
+  SpeechGPT-Gen and SpeechAlign, whose RVQ-1 is distilled from HuBERT and so carries the content
+  (the AR policy predicts it) while RVQ 2..8 carry the voice (the NAR model predicts them).
+  Weights from a local ``config.json`` + checkpoint.
 
 Every codec carries an ``identity`` string: golden tokens are cached per (identity, audio file).
 """
@@ -32,8 +36,9 @@ log = logging.getLogger("speechalign.codec")
 class CodecConfig:
     """Which codec turns audio into tokens, and its shape."""
 
-    backend: Literal["mel_rvq", "encodec"] = field(default="mel_rvq", metadata={
-        "help": "mel_rvq: embedded k-means RVQ over log-mel (no download); encodec: the encodec package's model"})
+    backend: Literal["mel_rvq", "encodec", "speechtokenizer"] = field(default="mel_rvq", metadata={
+        "help": "mel_rvq: embedded k-means RVQ over log-mel (no download); encodec: the encodec package's "
+                "24 kHz model; speechtokenizer: SpeechTokenizer (16 kHz, 50 Hz, 8 x 1024, RVQ-1 semantic)"})
     sample_rate: int = field(default=16000, metadata={"help": "mel_rvq: audio rate in Hz (encodec is fixed at 24000)"})
     n_fft: int = field(default=1024, metadata={"help": "mel_rvq: STFT size"})
     hop_length: int = field(default=256, metadata={
@@ -49,14 +54,22 @@ class CodecConfig:
     nnls_iters: int = field(default=30, metadata={
         "help": "mel_rvq: projected-gradient steps refining the mel -> linear inversion (0 = clamped pseudo-inverse)"})
     checkpoint: str | None = field(default=None, metadata={
-        "help": "encodec: path to a local encodec_24khz state-dict (.th/.pt/.safetensors); no hub download"})
+        "help": "encodec: a local encodec_24khz state dict (.th/.pt/.safetensors), or 'hub' for the copy in the "
+                "torch hub cache (never downloaded); speechtokenizer: its checkpoint (SpeechTokenizer.pt or "
+                ".safetensors). null = random weights (tests only)"})
+    config_path: str | None = field(default=None, metadata={
+        "help": "speechtokenizer: the model's config.json (from the same release as the checkpoint)"})
     bandwidth: float = field(default=6.0, metadata={
         "help": "encodec: target kbps (1.5, 3, 6, 12, 24) which sets n_q (2, 4, 8, 16, 32)"})
     seed: int = field(default=0, metadata={"help": "k-means seed (mel_rvq); random-init seed (encodec tests)"})
 
     def __post_init__(self):
-        if self.backend not in ("mel_rvq", "encodec"):
-            raise ValueError(f"codec.backend={self.backend!r}: choose mel_rvq (embedded) or encodec")
+        if self.backend not in ("mel_rvq", "encodec", "speechtokenizer"):
+            raise ValueError(f"codec.backend={self.backend!r}: choose mel_rvq (embedded), encodec or speechtokenizer")
+        if self.backend == "speechtokenizer" and not self.config_path:
+            raise ValueError("codec.backend=speechtokenizer needs codec.config_path (the model's config.json) and "
+                             "codec.checkpoint (its weights), e.g. from the fnlp/SpeechTokenizer release "
+                             "speechtokenizer_hubert_avg/")
         if self.n_q < 1 or self.codebook_size < 2:
             raise ValueError(f"codec.n_q={self.n_q}, codec.codebook_size={self.codebook_size}: need n_q >= 1, size >= 2")
         if self.hop_length <= 0 or self.n_fft < self.hop_length:
@@ -234,7 +247,7 @@ class EncodecCodec:
             torch.manual_seed(cfg.seed)
             model = EncodecModel.encodec_model_24khz(pretrained=False)
             if cfg.checkpoint is not None:
-                model.load_state_dict(_load_state_dict(cfg.checkpoint))
+                model.load_state_dict(_load_state_dict(encodec_checkpoint_path(cfg.checkpoint)))
             else:
                 log.warning("encodec codec has random weights (codec.checkpoint unset): fine for tests only")
         model.set_target_bandwidth(cfg.bandwidth)
@@ -282,11 +295,144 @@ class EncodecCodec:
         return cls(cfg)
 
 
+# ---------------------------------------------------------------------------------------------
+# speechtokenizer: SpeechTokenizer (SpeechGPT-Gen / SpeechAlign's codec)
+# ---------------------------------------------------------------------------------------------
+class SpeechTokenizerCodec:
+    """SpeechTokenizer: SEANet encoder/decoder + 8-level RVQ (1024 codes) at 16 kHz, 50 Hz (stride 320).
+
+    RVQ-1 is distilled from HuBERT (the content tokens the AR policy predicts); RVQ 2..8 add the
+    acoustic detail. Built from the release's ``config.json`` and checkpoint (``cfg.config_path``,
+    ``cfg.checkpoint``); ``checkpoint=None`` gives random weights, which only tests should use.
+    """
+
+    def __init__(self, cfg: CodecConfig, model=None):
+        self.cfg = cfg
+        if model is None:
+            model = self._build(cfg)
+        self.model = model.eval()
+        self.sample_rate = int(model.sample_rate)
+        self.hop_length = int(model.downsample_rate)
+        self.frame_rate = self.sample_rate / self.hop_length
+        self.n_q = int(model.n_q)
+        self.codebook_size = int(model.quantizer.bins)
+        self.identity = f"speechtokenizer-{self.n_q}x{self.codebook_size}-{_state_digest(self.model)}"
+
+    @staticmethod
+    def _build(cfg: CodecConfig):
+        try:
+            from speechtokenizer import SpeechTokenizer
+        except ImportError as e:  # the package pins nothing we lack, but is installed with --no-deps
+            raise ValueError(f"codec.backend=speechtokenizer needs the speechtokenizer package ({e}); "
+                             "run scripts/setup.sh or pip install --no-deps speechtokenizer==1.0.1 beartype "
+                             "lion-pytorch tensorboard") from e
+        model_cfg = speechtokenizer_config(cfg.config_path)
+        torch.manual_seed(cfg.seed)
+        model = SpeechTokenizer(model_cfg)
+        if cfg.checkpoint is not None:
+            # SpeechTokenizer.load_from_checkpoint does the same with an unrestricted torch.load.
+            model.load_state_dict(_load_state_dict(cfg.checkpoint))
+        else:
+            log.warning("speechtokenizer codec has random weights (codec.checkpoint unset): fine for tests only")
+        return model
+
+    def encode(self, wav: np.ndarray) -> torch.LongTensor:
+        """wav: float32 mono [n_samples] at 16 kHz -> codes: LongTensor [n_q, T], T = ceil(n_samples / 320)."""
+        x = torch.as_tensor(np.asarray(wav, dtype=np.float32))[None, None]
+        with torch.no_grad():
+            codes = self.model.encode(x)  # [n_q, B, T]
+        return codes[:, 0].long()
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """codes: LongTensor [n_q' <= n_q, T] (leading levels) -> wav: float32 [T * 320] at 16 kHz."""
+        codes = torch.as_tensor(codes).long()
+        if codes.ndim != 2 or codes.shape[0] > self.n_q:
+            raise ValueError(f"codes must be [n_q<={self.n_q}, T], got {tuple(codes.shape)}")
+        if codes.shape[-1] == 0:
+            return np.zeros(0, dtype=np.float32)
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"codes out of range [0, {self.codebook_size})")
+        with torch.no_grad():
+            wav = self.model.decode(codes[:, None, :])  # [B, 1, n_samples]
+        return wav[0, 0].numpy().astype(np.float32)
+
+    def save(self, path: str | Path) -> None:
+        """Write config.json + speechtokenizer.safetensors + codec.json into folder ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        _write_json(path / "config.json", speechtokenizer_config(self.cfg.config_path))
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
+                  str(path / "speechtokenizer.safetensors"))
+        cfg = dataclasses.replace(self.cfg, config_path="config.json", checkpoint="speechtokenizer.safetensors")
+        _write_json(path / "codec.json", {"backend": "speechtokenizer", "config": dataclasses.asdict(cfg),
+                                          "identity": self.identity})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SpeechTokenizerCodec":
+        path = Path(path)
+        cfg = CodecConfig(**json.loads((path / "codec.json").read_text())["config"])
+        # The same constructor a user's release files go through, with paths made absolute.
+        cfg.config_path, cfg.checkpoint = str(path / cfg.config_path), str(path / cfg.checkpoint)
+        return cls(cfg)
+
+
+# Keys SpeechTokenizer(config) reads; a config.json without one of them is not a SpeechTokenizer config.
+SPEECHTOKENIZER_KEYS = ("n_filters", "dimension", "semantic_dimension", "strides", "lstm_layers", "bidirectional",
+                        "dilation_base", "residual_kernel_size", "n_residual_layers", "activation", "sample_rate",
+                        "codebook_size", "n_q")
+
+
+def speechtokenizer_config(config_path: str | None) -> dict:
+    """Read and check a SpeechTokenizer ``config.json`` (the file shipped beside its checkpoint)."""
+    if not config_path or not Path(config_path).is_file():
+        raise ValueError(f"codec.config_path={config_path} does not exist: point it at the config.json shipped "
+                         "with the SpeechTokenizer checkpoint (no download is attempted)")
+    cfg = json.loads(Path(config_path).read_text())
+    missing = [k for k in SPEECHTOKENIZER_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"{config_path} lacks {missing}: it is not a SpeechTokenizer config.json")
+    return cfg
+
+
+def codec_sample_rate(cfg: CodecConfig) -> int:
+    """The audio rate a codec config implies, known before the codec is built (no weights loaded)."""
+    if cfg.backend == "encodec":
+        return 24000
+    if cfg.backend == "speechtokenizer":
+        return int(speechtokenizer_config(cfg.config_path)["sample_rate"])
+    return cfg.sample_rate
+
+
+def _state_digest(model) -> str:
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes()[:4096])
+    return digest.hexdigest()[:12]
+
+
+ENCODEC_24KHZ_FILE = "encodec_24khz-d7cc33bc.th"  # the name encodec's own loader caches it under
+
+
+def encodec_checkpoint_path(checkpoint: str) -> str:
+    """``codec.checkpoint`` for encodec -> a local file. ``'hub'`` means the torch hub cache
+    (``$TORCH_HOME/hub/checkpoints/encodec_24khz-d7cc33bc.th``, where ``EncodecModel.encodec_model_24khz()``
+    puts it); we look there but never download, so a machine without network fails here with the fix."""
+    if checkpoint != "hub":
+        return checkpoint
+    path = Path(torch.hub.get_dir()) / "checkpoints" / ENCODEC_24KHZ_FILE
+    if not path.is_file():
+        raise ValueError(f"codec.checkpoint=hub but {path} is not there: on a machine with network run "
+                         "python -c 'import encodec; encodec.EncodecModel.encodec_model_24khz()' (it fills the "
+                         "torch hub cache), or copy the file and set codec.checkpoint=/path/to/" + ENCODEC_24KHZ_FILE)
+    return str(path)
+
+
 def _load_state_dict(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"codec.checkpoint={path} does not exist: point it at a local encodec_24khz state dict "
-                         "(no download is attempted)")
+        raise ValueError(f"codec.checkpoint={path} does not exist: point it at a local state dict of the "
+                         "codec (no download is attempted)")
     if p.suffix == ".safetensors":
         return load_file(str(p))
     return torch.load(p, map_location="cpu", weights_only=True)
@@ -305,6 +451,8 @@ def build_codec(cfg: CodecConfig, fit_wavs: list[np.ndarray] | None = None) -> C
         if not fit_wavs:
             raise ValueError("the mel_rvq codec is fitted on training audio: pass fit_wavs")
         return MelRVQCodec.fit(cfg, fit_wavs)
+    if cfg.backend == "speechtokenizer":
+        return SpeechTokenizerCodec(cfg)
     return EncodecCodec(cfg)
 
 
@@ -315,4 +463,4 @@ def load_codec(path: str | Path) -> Codec:
     if not meta_path.is_file():
         raise ValueError(f"{path} holds no codec (codec.json missing)")
     backend = json.loads(meta_path.read_text())["backend"]
-    return {"mel_rvq": MelRVQCodec, "encodec": EncodecCodec}[backend].load(path)
+    return {"mel_rvq": MelRVQCodec, "encodec": EncodecCodec, "speechtokenizer": SpeechTokenizerCodec}[backend].load(path)

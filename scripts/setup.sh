@@ -16,4 +16,6 @@ python -m pip install -q -e ".[test]"
 # resemblyzer pins the original webrtcvad, which imports pkg_resources (gone from new setuptools);
 # its dependencies are installed above (webrtcvad-wheels provides the same module).
 python -m pip install -q --no-deps "resemblyzer==0.1.4"
-python -c "import torch, torchaudio, trl, transformers, peft, speechbrain, encodec, resemblyzer, pocketsphinx; print('speechalign set-up OK: torch', torch.__version__, 'trl', trl.__version__)"
+# speechtokenizer lists torch/torchaudio unpinned; its real dependencies are in setup.cfg.
+python -m pip install -q --no-deps "speechtokenizer==1.0.1"
+python -c "import torch, torchaudio, trl, transformers, peft, speechbrain, encodec, resemblyzer, pocketsphinx, speechtokenizer, speechmos, onnxruntime; print('speechalign set-up OK: torch', torch.__version__, 'trl', trl.__version__)"

@@ -1,0 +1,79 @@
+"""``speechalign run --dry-run``: the plan, the missing-file list with fixes, exit status, no weights loaded."""
+import pytest
+import torch
+
+from align.cli import main
+from align.config import load_config
+from align.dryrun import build_plan, llama_params, lora_params, nar_params
+
+REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to read weights fails the test."""
+    import safetensors.torch
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("a dry run loaded weights")
+
+    monkeypatch.setattr(torch, "load", boom)
+    monkeypatch.setattr(safetensors.torch, "load_file", boom)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(boom))
+
+
+def test_paper_config_plan_names_every_missing_input(no_weights, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's relative paths point nowhere here
+    code = main(["run", str(REPO_CONFIGS / "speechalign-librispeech.yaml"), "--dry-run", "--gpus", "8",
+                 "--gpu-gb", "80"])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert "6.485 B params" in out and "effective batch 128" in out and "50000 samples" in out
+    for stage in ("sample", "dpo", "evaluate"):
+        assert f"  {stage}" in out
+    for missing in ("data.train=data/LibriSpeech/train-960", "SpeechTokenizer.pt", "policy.pretrained=",
+                    "eval.asr_model=checkpoints/whisper-large-v3", "eval.speaker_model=", "VCTK-Corpus-0.92"):
+        assert missing in out
+    assert "huggingface-cli download openai/whisper-large-v3" in out and "no weights were loaded" in out
+
+
+def test_paper_config_memory_lora_and_gpus():
+    cfg = load_config(REPO_CONFIGS / "speechalign-librispeech.yaml")
+    one = build_plan(cfg, gpus=1, gpu_gb=80)
+    assert any("stage dpo" in what for what, _ in one.problems)  # full 7B DPO does not fit one GPU
+    lora = build_plan(load_config(REPO_CONFIGS / "speechalign-librispeech.yaml", ["dpo.lora=true"]), gpus=1,
+                      gpu_gb=80)
+    assert not any("stage dpo" in what for what, _ in lora.problems)
+    assert any("LoRA r=64" in line for line in lora.lines)
+
+
+def test_tiny_config_dry_run_passes(no_weights, capsys, tmp_path):
+    import shutil
+
+    if shutil.which("flite") is None:
+        pytest.skip("flite not installed")
+    code = main(["run", str(REPO_CONFIGS / "tiny.yaml"), "--dry-run", "--set", f"out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "dry run: OK" in out and "MISSING" not in out
+    assert not (tmp_path / "tiny").exists()  # nothing written
+
+
+def test_parameter_arithmetic_matches_the_models():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.codec_lm import AR_SIZES
+    from models.nar import NARConfig, NARModel
+
+    size = AR_SIZES["tiny"]
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=291, tie_word_embeddings=False, **size))
+    assert llama_params(vocab_size=291, **size) == sum(p.numel() for p in model.parameters())
+    nar = NARConfig.named("tiny", 4, 64)
+    assert nar_params(nar.dim, nar.layers, nar.ffn, 4, 64, nar.max_frames) == sum(
+        p.numel() for p in NARModel(nar).parameters())
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    assert lora_params(size, 4, ["q_proj", "v_proj"]) == trainable

@@ -43,6 +43,9 @@ class SpeechGPTGenConfig:
     batch_size: int = field(default=16, metadata={"help": "utterances per flow step"})
     lr: float = field(default=1e-3, metadata={"help": "flow peak learning rate (AdamW, cosine, warm-up)"})
     warmup_steps: int = field(default=50, metadata={"help": "flow linear warm-up steps"})
+    crop_frames: int = field(default=0, metadata={
+        "help": "train on random windows of at most this many frames (0 = whole utterances); the prompt "
+                "prefix is drawn inside the window. Cuts CPU cost roughly in proportion"})
     max_prompt_frames: int = field(default=300, metadata={
         "help": "longest random prompt prefix in training (the paper's 300 frames)"})
     cfg_dropout: float = field(default=0.0, metadata={
@@ -66,6 +69,8 @@ class SpeechGPTGenConfig:
                 raise ValueError(f"speechgpt_gen.{key}={getattr(self, key)} must be >= 1")
         if self.lr <= 0 or self.warmup_steps < 0 or self.max_prompt_frames < 0:
             raise ValueError("speechgpt_gen.lr > 0, warmup_steps >= 0 and max_prompt_frames >= 0 are required")
+        if self.crop_frames != 0 and self.crop_frames < 8:
+            raise ValueError(f"speechgpt_gen.crop_frames={self.crop_frames}: use 0 (no crop) or >= 8 frames")
         if not 0 <= self.cfg_dropout < 1:
             raise ValueError(f"speechgpt_gen.cfg_dropout={self.cfg_dropout} must be in [0, 1)")
         if self.guidance < 0 or (self.guidance > 0 and self.cfg_dropout == 0):
@@ -102,8 +107,15 @@ def train_flow(ctx: "Context", scfg: SpeechGPTGenConfig, data: list, *, rng: ran
     log.info("base flow: %d utterances, %.2fM params, chain %s", len(data),
              sum(p.numel() for p in flow.parameters()) / 1e6, scfg.chain)
 
+    def window(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, v = data[i]
+        if scfg.crop_frames and len(x) > scfg.crop_frames:
+            s = int(torch.randint(0, len(x) - scfg.crop_frames + 1, (1,), generator=gen))
+            return x[s: s + scfg.crop_frames], v[s: s + scfg.crop_frames]
+        return x, v
+
     def loss_fn(batch: list[int]) -> torch.Tensor:
-        x1, v1, mask = flow_batch([data[i] for i in batch])
+        x1, v1, mask = flow_batch([window(i) for i in batch])
         return flow.loss(x1.to(device), v1.to(device), mask.to(device), generator=gen)
 
     final, history = _fit("base flow", flow, loss_fn, n_items=len(data), batch_size=scfg.batch_size,

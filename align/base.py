@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from align.speechgpt_gen import speechgpt_gen_base
+
 if TYPE_CHECKING:
     from align.run import Context
 
@@ -26,7 +28,8 @@ log = logging.getLogger("speechalign.base")
 class BaseConfig:
     """Round 0: which base stage builds the starting policy, and its training budget."""
 
-    stage: str = field(default="sft", metadata={"help": "base stage: sft (AR + NAR teacher forcing)"})
+    stage: str = field(default="sft", metadata={
+        "help": "base stage: sft (AR + NAR teacher forcing) or speechgpt_gen (AR + flow-matching renderer)"})
     steps: int = field(default=1500, metadata={"help": "AR optimiser steps"})
     batch_size: int = field(default=16, metadata={"help": "AR sequences per step"})
     lr: float = field(default=2e-3, metadata={"help": "AR peak learning rate (AdamW, cosine, warm-up)"})
@@ -58,9 +61,12 @@ def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
 
 def _fit(name: str, model: torch.nn.Module, loss_fn: Callable[[list[int]], torch.Tensor], *, n_items: int,
          batch_size: int, steps: int, lr: float, warmup: int, betas: tuple[float, float], bcfg: BaseConfig,
-         rng: random.Random) -> tuple[float, list[dict]]:
+         rng: random.Random, accelerator=None) -> tuple[float, list[dict]]:
     """AdamW over shuffled mini-batches of item indices, warm-up then cosine; stops on a non-finite loss.
 
+    With an ``accelerate.Accelerator`` running several processes, each takes its share of every
+    batch (all draw the same seeded order) and gradients are averaged across them before the step,
+    so the update equals the single-process one on the whole batch.
     Returns the smoothed final loss and a history row every ``bcfg.log_every`` steps.
     """
     from tqdm import tqdm
@@ -79,12 +85,21 @@ def _fit(name: str, model: torch.nn.Module, loss_fn: Callable[[list[int]], torch
             order += idx
         batch = order[:batch_size]
         del order[:batch_size]
+        if accelerator is not None and accelerator.num_processes > 1:
+            batch = batch[accelerator.process_index::accelerator.num_processes]
         for g in opt.param_groups:
             g["lr"] = lr * cosine_lr(step, steps, warmup)
         loss = loss_fn(batch)
         _check_finite(loss, name, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if accelerator is None:
+            loss.backward()
+        else:
+            accelerator.backward(loss)
+            if accelerator.num_processes > 1:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
         torch.nn.utils.clip_grad_norm_(model.parameters(), bcfg.grad_clip)
         opt.step()
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
@@ -108,33 +123,34 @@ def _examples(ctx: "Context", salt: int) -> list[tuple[str, torch.Tensor, torch.
     return out
 
 
-def sft_base(ctx: "Context", out_dir: Path) -> dict:
-    """Train the AR policy and the NAR model on golden tokens; write ``out_dir`` (a policy dir)."""
-    from models.codec_lm import (Policy, build_lm, build_tokenizer, completion_str, policy_meta, prompt_str,
-                                 text_length)
-    from models.nar import NARConfig, NARModel, nar_batch
+def train_ar(ctx: "Context", examples: list, rng: random.Random, device: str | None = None,
+             accelerator=None) -> tuple[torch.nn.Module, object, dict]:
+    """The AR codec LM: text + prompt RVQ-1 -> RVQ-1 by teacher forcing (loss on the speech part only).
+
+    examples: ``_examples(ctx, salt)`` rows. Returns (lm on ``device``, tokenizer, stats with ar_loss,
+    history, frames_per_char, examples). Shared by every base stage that trains the AR half.
+    """
+    from models.codec_lm import build_lm, build_tokenizer, completion_str, prompt_str, text_length
 
     cfg, bcfg = ctx.cfg, ctx.cfg.base
+    device = device or ctx.device
     codec = ctx.codec
     tok = build_tokenizer(codec.codebook_size)
-    examples = _examples(ctx, 0)
     n_prompt = max(1, int(round(cfg.policy.prompt_seconds * codec.frame_rate)))
     frontend = cfg.policy.text_frontend
     chars = sum(text_length(t, frontend) for t, _, _ in examples)
     frames = sum(c.shape[1] for _, c, _ in examples)
     frames_per_char = frames / max(1, chars)
 
-    # -- AR: loss on the speech part only (the text and prompt are given at inference) --
     seqs = []
     for text, codes, prompt in examples:
         p_ids = tok(prompt_str(prompt[0, :n_prompt], text, frontend), add_special_tokens=False)["input_ids"]
         c_ids = tok(completion_str(codes[0]), add_special_tokens=False)["input_ids"]
         seqs.append((p_ids, c_ids))
     max_len = max(len(p) + len(c) for p, c in seqs)
-    lm = build_lm(cfg.policy.size, len(tok), max(2048, max_len + 64), cfg.seed).to(ctx.device)
-    log.info("base sft: %d examples, AR %.2fM params, longest sequence %d tokens", len(seqs),
+    lm = build_lm(cfg.policy.size, len(tok), max(2048, max_len + 64), cfg.seed).to(device)
+    log.info("base AR: %d examples, %.2fM params, longest sequence %d tokens", len(seqs),
              sum(p.numel() for p in lm.parameters()) / 1e6, max_len)
-    rng = random.Random(cfg.seed)
 
     def ar_loss(batch: list[int]) -> torch.Tensor:
         items = [seqs[i] for i in batch]
@@ -146,12 +162,27 @@ def sft_base(ctx: "Context", out_dir: Path) -> dict:
             ids[i, : len(p) + len(c)] = torch.tensor(p + c)
             labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
             attn[i, : len(p) + len(c)] = 1
-        return lm(input_ids=ids.to(ctx.device), attention_mask=attn.to(ctx.device),
-                  labels=labels.to(ctx.device)).loss
+        return lm(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
 
     ar_final, history = _fit("base AR", lm, ar_loss, n_items=len(seqs), batch_size=bcfg.batch_size,
                              steps=bcfg.steps, lr=bcfg.lr, warmup=bcfg.warmup_steps, betas=(0.9, 0.98),
-                             bcfg=bcfg, rng=rng)
+                             bcfg=bcfg, rng=rng, accelerator=accelerator)
+    return lm, tok, {"ar_loss": ar_final, "history": history, "frames_per_char": frames_per_char,
+                     "examples": len(seqs)}
+
+
+def sft_base(ctx: "Context", out_dir: Path) -> dict:
+    """Train the AR policy and the NAR model on golden tokens; write ``out_dir`` (a policy dir)."""
+    from models.codec_lm import Policy, policy_meta
+    from models.nar import NARConfig, build_nar, nar_batch
+
+    cfg, bcfg = ctx.cfg, ctx.cfg.base
+    codec = ctx.codec
+    examples = _examples(ctx, 0)
+    n_prompt = max(1, int(round(cfg.policy.prompt_seconds * codec.frame_rate)))
+    rng = random.Random(cfg.seed)
+    lm, tok, ar_stats = train_ar(ctx, examples, rng)
+    frames_per_char = ar_stats["frames_per_char"]
 
     # -- NAR: levels 2..n_q from level 1 and the prompt --
     nar = None
@@ -160,9 +191,9 @@ def sft_base(ctx: "Context", out_dir: Path) -> dict:
         if bcfg.nar_steps == 0:
             raise ValueError(f"codec.n_q={codec.n_q} needs a NAR model: set base.nar_steps > 0")
         torch.manual_seed(cfg.seed + 1)
-        ncfg = NARConfig.named(cfg.policy.nar_size, codec.n_q, codec.codebook_size)
+        ncfg = NARConfig.named(cfg.policy.nar_size, codec.n_q, codec.codebook_size, kind=cfg.policy.nar_type)
         ncfg.max_frames = max(ncfg.max_frames, n_prompt + max(c.shape[1] for _, c, _ in examples) + 8)
-        nar = NARModel(ncfg).to(ctx.device)
+        nar = build_nar(ncfg).to(ctx.device)
 
         def nar_step_loss(batch: list[int]) -> torch.Tensor:
             prompt, target, pm, tm = nar_batch([(examples[i][2][:, :n_prompt], examples[i][1]) for i in batch])
@@ -176,8 +207,8 @@ def sft_base(ctx: "Context", out_dir: Path) -> dict:
     policy = Policy(lm=lm.cpu(), tokenizer=tok, nar=nar.cpu() if nar is not None else None, codec=codec,
                     meta=policy_meta(cfg.policy, frames_per_char))
     policy.save(out_dir)
-    return {"ar_loss": ar_final, "nar_loss": nar_loss,
-            "frames_per_char": frames_per_char, "examples": len(seqs), "history": history}
+    return {"ar_loss": ar_stats["ar_loss"], "nar_loss": nar_loss, "frames_per_char": frames_per_char,
+            "examples": ar_stats["examples"], "history": ar_stats["history"]}
 
 
 def pretrained_base(ctx: "Context", out_dir: Path) -> dict:
@@ -193,7 +224,7 @@ def pretrained_base(ctx: "Context", out_dir: Path) -> dict:
 
 
 # name -> function(ctx, out_dir) -> stats. SpeechGPT / SpeechGPT-Gen base stages register here.
-BASE_STAGES: dict[str, Callable] = {"sft": sft_base}
+BASE_STAGES: dict[str, Callable] = {"sft": sft_base, "speechgpt_gen": speechgpt_gen_base}
 
 
 def run_base_stage(ctx: "Context", out_dir: Path) -> dict:

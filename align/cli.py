@@ -62,6 +62,21 @@ def cmd_eval(args) -> None:
     print(f"WER {result['wer']:.4f}  SIM {result['sim']:.4f}  n={result['n']}  -> {args.out}")
 
 
+def cmd_tts(args) -> None:
+    from align.speechgpt_gen import synthesize_tts
+
+    r = synthesize_tts(args.policy, args.text, args.prompt, args.out, temperature=args.temperature, top_k=args.top_k,
+                       seed=args.seed, device=args.device)
+    print(f"wrote {r['out']}: {r['seconds']:.2f} s from {r['frames']} RVQ-1 frames")
+
+
+def cmd_vc(args) -> None:
+    from align.speechgpt_gen import convert_voice
+
+    r = convert_voice(args.policy, args.source, args.prompt, args.out, device=args.device)
+    print(f"wrote {r['out']}: {r['seconds']:.2f} s from {r['frames']} source RVQ-1 frames")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="speechalign", description="SpeechAlign: iterative preference alignment of codec language models")
@@ -105,6 +120,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("tts", help="zero-shot TTS with a policy: text + voice prompt WAV -> WAV")
+    p.add_argument("--policy", required=True, help="policy directory, e.g. runs/<name>/round_001/policy")
+    p.add_argument("--text", required=True)
+    p.add_argument("--prompt", required=True, help="WAV of the target voice")
+    p.add_argument("--out", required=True)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_tts)
+
+    p = sub.add_parser("vc", help="voice conversion: source WAV's RVQ-1 tokens + target voice prompt -> WAV")
+    p.add_argument("--policy", required=True, help="policy directory (a flow renderer is what SpeechGPT-Gen uses)")
+    p.add_argument("--source", required=True, help="WAV whose words are kept")
+    p.add_argument("--prompt", required=True, help="WAV of the target voice")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_vc)
 
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

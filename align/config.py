@@ -13,6 +13,7 @@ from pathlib import Path
 from align.base import BaseConfig
 from align.configutil import apply_overrides, from_dict, load_yaml, to_dict
 from align.corpus import CorpusConfig
+from align.speechgpt_gen import SpeechGPTGenConfig
 from align.stages import DPOStageConfig, EvalConfig, PairConfig, SampleConfig
 from models.codec import CodecConfig
 from models.codec_lm import PolicyConfig
@@ -61,6 +62,7 @@ class RunConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
+    speechgpt_gen: SpeechGPTGenConfig = field(default_factory=SpeechGPTGenConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     pair: PairConfig = field(default_factory=PairConfig)
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)

@@ -208,6 +208,36 @@ class MelRVQCodec:
             x = (x - step * (fb.T @ (fb @ x - mel))).clamp_min(0.0)
         return x
 
+    # -- continuous latents (the flow-matching renderer works on these) ---------------------
+    @property
+    def latent_dim(self) -> int:
+        """Width D of ``latent`` / ``semantic_latent`` frames (= n_mels)."""
+        return self.cfg.n_mels
+
+    def latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: LongTensor [n_q, T] -> FloatTensor [T, D]: the quantised latent summed over all levels."""
+        return self.dequantize(codes)
+
+    def semantic_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: LongTensor [>=1, T] or RVQ-1 [T] -> FloatTensor [T, D]: the RVQ-1 codebook vectors alone."""
+        codes = torch.as_tensor(codes).long()
+        return self.dequantize(codes[None] if codes.ndim == 1 else codes[:1])
+
+    def decode_latent(self, latent: torch.Tensor) -> np.ndarray:
+        """latent: FloatTensor [T, D] (log-mel) -> wav float32 [T * hop]; the same inversion as ``decode``."""
+        latent = torch.as_tensor(latent, dtype=torch.float32)
+        if latent.ndim != 2 or latent.shape[1] != self.latent_dim:
+            raise ValueError(f"latent must be [T, {self.latent_dim}], got {tuple(latent.shape)}")
+        if latent.shape[0] < 4:  # Griffin-Lim cannot invert fewer frames than its window (see decode)
+            return np.zeros(latent.shape[0] * self.cfg.hop_length, dtype=np.float32)
+        # A generated latent can overshoot what any code sequence dequantises to; exp() of it must
+        # stay finite, so cap it at that bound (sum over levels of each level's largest entry).
+        ceiling = float(self.codebooks.amax(dim=1).sum(0).max())
+        mel = torch.exp(latent.clamp(max=ceiling)).T  # [n_mels, T]
+        with torch.no_grad():
+            wav = self._griffin_lim(self._invert_mel(mel))
+        return wav.numpy().astype(np.float32)
+
     def _check_codes(self, codes: torch.Tensor) -> None:
         if codes.ndim != 2 or codes.shape[0] > self.n_q:
             raise ValueError(f"codes must be [n_q<={self.n_q}, T], got {tuple(codes.shape)}")
@@ -277,6 +307,33 @@ class EncodecCodec:
         with torch.no_grad():
             wav = self.model.decode([(codes[None], None)])
         return wav[0, 0].numpy().astype(np.float32)
+
+    # -- continuous latents: the quantizer's summed output, what the SEANet decoder consumes --
+    @property
+    def latent_dim(self) -> int:
+        """Width D of ``latent`` frames (the quantizer dimension, 128)."""
+        return int(self.model.quantizer.dimension)
+
+    def latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: LongTensor [n_q, T] -> FloatTensor [T, D]: the RVQ output summed over all levels."""
+        codes = torch.as_tensor(codes).long()
+        with torch.no_grad():
+            return self.model.quantizer.decode(codes[:, None])[0].T.contiguous()
+
+    def semantic_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: LongTensor [>=1, T] or RVQ-1 [T] -> FloatTensor [T, D]: the first level's vectors alone."""
+        codes = torch.as_tensor(codes).long()
+        return self.latent(codes[None] if codes.ndim == 1 else codes[:1])
+
+    def decode_latent(self, latent: torch.Tensor) -> np.ndarray:
+        """latent: FloatTensor [T, D] -> wav float32 [n_samples] at 24 kHz (SEANet decoder)."""
+        latent = torch.as_tensor(latent, dtype=torch.float32)
+        if latent.ndim != 2 or latent.shape[1] != self.latent_dim:
+            raise ValueError(f"latent must be [T, {self.latent_dim}], got {tuple(latent.shape)}")
+        if latent.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        with torch.no_grad():
+            return self.model.decoder(latent.T[None])[0, 0].numpy().astype(np.float32)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from models.codec import Codec, load_codec
-from models.nar import NARModel
+from models.nar import NAR_KINDS, NARModel, load_nar
 
 log = logging.getLogger("speechalign.policy")
 
@@ -60,6 +60,8 @@ class PolicyConfig:
     size: str = field(default="tiny", metadata={"help": "AR size: tiny (4x128, CPU minutes), base (8x512), "
                                                          "paper (LLaMA-7B shape)"})
     nar_size: str = field(default="tiny", metadata={"help": "NAR size: tiny, base, paper"})
+    nar_type: str = field(default="vall_e", metadata={
+        "help": "NAR kind: vall_e (level by level) or soundstorm (masked tokens, iterative decoding)"})
     prompt_seconds: float = field(default=1.5, metadata={
         "help": "seconds of the voice prompt's codes prefixed to each sequence"})
     max_seconds: float = field(default=6.0, metadata={"help": "longest speech the policy may generate"})
@@ -73,6 +75,8 @@ class PolicyConfig:
     def __post_init__(self):
         if self.size not in AR_SIZES:
             raise ValueError(f"policy.size={self.size!r} unknown; choose one of {sorted(AR_SIZES)}")
+        if self.nar_type not in NAR_KINDS:
+            raise ValueError(f"policy.nar_type={self.nar_type!r} unknown; choose one of {NAR_KINDS}")
         if not 0 < self.prompt_seconds <= 10:
             raise ValueError(f"policy.prompt_seconds={self.prompt_seconds} must be in (0, 10]")
         if self.max_seconds <= 0:
@@ -207,6 +211,7 @@ class Policy:
     nar: NARModel | None
     codec: Codec
     meta: dict = field(default_factory=dict)  # prompt_seconds, frames_per_char, max_seconds, ...
+    flow: "torch.nn.Module | None" = None  # models.flow.FlowModel: renders RVQ-1 instead of the NAR
 
     @property
     def text_frontend(self) -> str:
@@ -231,8 +236,11 @@ class Policy:
             self.tokenizer.save_pretrained(tmp)
             if self.nar is not None:
                 self.nar.save(tmp / "nar")
+            if self.flow is not None:
+                self.flow.save(tmp / "flow")
             self.codec.save(tmp / "codec")
-            meta = dict(self.meta, layout_version=LAYOUT_VERSION, codec_identity=self.codec.identity)
+            meta = dict(self.meta, layout_version=LAYOUT_VERSION, codec_identity=self.codec.identity,
+                        renderer="flow" if self.flow is not None else "nar")
             (tmp / "speechalign.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -249,8 +257,13 @@ class Policy:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.padding_side = "left"
-        nar = NARModel.load(path / "nar").to(device) if (path / "nar").is_dir() else None
-        return cls(lm=lm, tokenizer=tokenizer, nar=nar, codec=load_codec(path / "codec"), meta=meta)
+        nar = load_nar(path / "nar").to(device) if (path / "nar").is_dir() else None
+        flow = None
+        if meta.get("renderer", "nar") == "flow":
+            from models.flow import FlowModel
+
+            flow = FlowModel.load(path / "flow").to(device)
+        return cls(lm=lm, tokenizer=tokenizer, nar=nar, codec=load_codec(path / "codec"), meta=meta, flow=flow)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -308,9 +321,15 @@ class Policy:
 
     @torch.no_grad()
     def render(self, first: torch.Tensor, prompt: torch.Tensor) -> np.ndarray:
-        """RVQ-1 codes [T] + full prompt codes [n_q, Tp] -> waveform float32 [n] (NAR, then codec)."""
+        """RVQ-1 codes [T] + full prompt codes [n_q, Tp] -> waveform float32 [n] (NAR, then codec).
+
+        With a flow model (meta renderer "flow") the RVQ-1 codes and the prompt's latent go through the
+        flow to a codec latent instead, decoded by ``codec.decode_latent``.
+        """
         if first.numel() == 0:
             return np.zeros(0, dtype=np.float32)
+        if self.flow is not None:
+            return self.flow.render(self.codec, first, self.prompt_codes(prompt))
         if self.nar is not None and self.codec.n_q > 1:
             device = next(self.nar.parameters()).device
             codes = self.nar.generate(self.prompt_codes(prompt).to(device), first.to(device)).cpu()

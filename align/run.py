@@ -73,7 +73,9 @@ class RunDir:
         path = self.root / "config.yaml"
         current = config_to_dict(self.cfg)
         if path.exists():
-            saved = yaml.safe_load(path.read_text())
+            # Keys added to the config since the run started take their defaults, so a code update that
+            # adds an option does not strand existing runs.
+            saved = _with_defaults(yaml.safe_load(path.read_text()), config_to_dict(RunConfig()))
             diff = _diff(saved, current)
             if diff:
                 raise ValueError(
@@ -117,6 +119,14 @@ class RunDir:
 
     def policy_dir(self, k: int) -> Path:
         return self.round_dir(k) / "policy"
+
+
+def _with_defaults(saved, defaults):
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    out = {k: _with_defaults(saved[k], defaults.get(k)) for k in saved}
+    out.update({k: v for k, v in defaults.items() if k not in saved})
+    return out
 
 
 def _diff(a, b, prefix="") -> list[str]:

@@ -68,3 +68,21 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, caplog):
     p.write_text("nonsense: 1\n")
     assert main(["run", str(p)]) == 2
     assert "nonsense" in caplog.text
+
+
+def test_resume_accepts_a_config_saved_before_new_options_existed(tmp_path):
+    """A run started before an option was added resumes (the option takes its default); a real change is refused."""
+    import yaml
+
+    from align.config import config_to_dict, load_config
+    from align.run import RunDir
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "name=old"])
+    saved = config_to_dict(cfg)
+    del saved["policy"]["text_frontend"]
+    del saved["eval"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    RunDir(cfg)  # no error
+    with pytest.raises(ValueError, match="different config"):
+        RunDir(load_config(None, [f"out_dir={tmp_path}", "name=old", "dpo.beta=0.3"]))

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from align.config import RunConfig, config_to_dict
+from align.configutil import from_dict
 from align.data import Skip, Utterance, choose_prompt, load_any
 from align.io import atomic_dir, atomic_write_text
 from models.codec import Codec, build_codec, load_codec
@@ -74,6 +75,10 @@ class RunDir:
         current = config_to_dict(self.cfg)
         if path.exists():
             saved = yaml.safe_load(path.read_text())
+            try:  # keys added to the config since the run began read as their defaults
+                saved = config_to_dict(from_dict(RunConfig, saved))
+            except ValueError:
+                pass  # a key since removed or renamed: the raw diff below names it
             diff = _diff(saved, current)
             if diff:
                 raise ValueError(

@@ -46,7 +46,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    paths = sorted(glob.glob(args.configs))
+    # the SpeechAlign recipe and its continue-SFT control first: the comparison that matters most if time runs out
+    first = {"dpo_sigmoid.yaml": 0, "sft_control.yaml": 1}
+    paths = sorted(glob.glob(args.configs), key=lambda p: (first.get(Path(p).name, 2), p))
     if not paths:
         raise SystemExit(f"no configs match {args.configs}")
     t_all = time.time()
@@ -71,12 +73,17 @@ def main() -> None:
                 notes.append(f"- `{Path(p).name}` ({cfg.train.method}): FAILED: {type(e).__name__}: {e}")
         if (cfg.run_dir / "metrics.jsonl").exists():
             run_dirs.append(cfg.run_dir)
+        write_table(args, run_dirs, notes, time.time() - t_all, pending=len(paths) - len(notes))
 
+
+def write_table(args, run_dirs: list[Path], notes: list[str], total: float, pending: int) -> None:
+    """The comparison so far (rewritten after every run, so a cut-short invocation still leaves a table)."""
+    if not run_dirs:
+        return
     df = compare_runs(run_dirs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out.with_suffix(".csv"), index=False)
-    total = time.time() - t_all
     md = ["# Ablation: preference methods and pair strategies", "",
           f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/ablations.py "
           f"{' '.join(sys.argv[1:])}`; "
@@ -88,7 +95,7 @@ def main() -> None:
           "that every method runs end to end and what it costs, not which method wins.", "",
           "`dpo_loss` is each method's training loss (DPO, SFT, reward-model or GRPO loss, see `method`); "
           "`reward_accuracy`/`reward_margin`: DPO implicit-reward or reward-model pair accuracy/margin.", "",
-          to_markdown(df), "", "Runs:", *notes, ""]
+          to_markdown(df), "", "Runs:", *notes] + ([f"- {pending} config(s) not run yet"] if pending else []) + [""]
     out.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md))
 

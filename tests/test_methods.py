@@ -35,8 +35,8 @@ def _summary(ctx):
 
 @pytest.mark.parametrize("overrides", [
     ["dpo.loss_type=sigmoid_norm"],
-    ["dpo.loss_type=robust", "dpo.label_smoothing=0.1"],
-    ["dpo.loss_type=ipo", "dpo.sft_weight=0.5"],  # RPO-style SFT term on the chosen tokens
+    pytest.param(["dpo.loss_type=robust", "dpo.label_smoothing=0.1"], marks=pytest.mark.slow),
+    pytest.param(["dpo.loss_type=ipo", "dpo.sft_weight=0.5"], marks=pytest.mark.slow),  # RPO-style SFT term
 ])
 def test_dpo_loss_types_take_a_step(tmp_path, overrides):
     ctx = _round_one(tmp_path, overrides)

@@ -274,10 +274,10 @@ class CodesReward:
 
 def _direct_reward(ctx: "Context", k: int, policy, with_sim: bool) -> Callable:
     """-WER (+ sim_weight x SIM) of each completion rendered through round k-1's NAR and codec."""
-    from align.pairs import SampleBatch, _sim_scorer, _wer_scorer
+    from align.pairs import SCORERS, SampleBatch
 
-    wer_fn = _wer_scorer(ctx)
-    sim_fn = _sim_scorer(ctx) if with_sim else None
+    wer_fn = SCORERS["wer"](ctx)
+    sim_fn = SCORERS["sim"](ctx) if with_sim else None
     w = ctx.cfg.train.grpo.sim_weight
 
     def score(prompts, codes, rows):

@@ -291,14 +291,15 @@ def dpo(ctx: "Context", k: int) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from align.run import read_jsonl, write_json
-    from models.codec_lm import Policy
+    from models.codec_lm import Policy, with_hint
 
     cfg, dcfg = ctx.cfg, ctx.cfg.dpo
     prev = ctx.run.policy_dir(k - 1)
     pairs = [p for p in read_jsonl(ctx.run.round_dir(k) / "pairs" / "pairs.jsonl") if p["keep"]]
-    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-                                 for p in pairs])
     policy = Policy.load(prev, device="cpu")
+    hint = policy.meta.get("quality_hint")  # a Chain-of-Hindsight policy is conditioned on its hint
+    dataset = Dataset.from_list([{"prompt": with_hint(p["prompt"], hint), "chosen": p["chosen"],
+                                  "rejected": p["rejected"]} for p in pairs])
     ref = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32)
     work = ctx.run.round_dir(k) / "dpo"
     work.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,28 @@ def test_reward_bon_attaches_a_reranker(tmp_path):
     assert torch.equal(out[0][0], many[int(r[:3].argmax())]) and torch.equal(out[0][1], many[3 + int(r[3:].argmax())])
 
 
+def test_grpo_takes_a_step_with_a_direct_reward(tmp_path, monkeypatch):
+    """reward=wer through the pluggable scorer registry; a stub WER (longer = worse) keeps ASR out of it."""
+    from align import pairs as P
+
+    seen = []
+
+    def stub_wer(ctx):
+        def score(batch):
+            seen.extend(r["codes"] for r in batch.rows)
+            return [len(r["codes"]) / 10 for r in batch.rows]
+        return score
+
+    monkeypatch.setitem(P.SCORERS, "wer", stub_wer)
+    ctx = _round_one(tmp_path, ["train.method=grpo", "train.grpo.reward=wer", "train.grpo.steps=1",
+                                "train.grpo.num_generations=2", "train.grpo.prompts_per_step=2",
+                                "train.grpo.max_completion_frames=8", "train.grpo.learning_rate=1e-3"])
+    stats = methods.train(ctx, 1)
+    assert stats["method"] == "grpo" and stats["grpo_reward"] is not None and _changed(ctx)
+    assert len(seen) == 4 and all(0 <= c < K for codes in seen for c in codes)
+
+
+@pytest.mark.slow
 def test_grpo_takes_a_step_with_a_reward_model(tmp_path):
     ctx = _round_one(tmp_path, ["train.method=grpo", "train.reward.steps=2", "train.reward.batch_size=2",
                                 "train.grpo.steps=1", "train.grpo.num_generations=2", "train.grpo.prompts_per_step=2",

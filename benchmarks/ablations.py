@@ -38,6 +38,22 @@ def finished(cfg) -> bool:
     return path.exists() and {r["round"] for r in read_jsonl(path)} >= set(range(cfg.rounds + 1))
 
 
+def share_round0(base_dir: Path, run_dir: Path) -> None:
+    """Start a new run from the shared base's round 0 (policy and its evaluation), marked done.
+
+    Round 0 of every ablation run would be the same copied policy evaluated with the same seed on the
+    same items, so it is copied instead of recomputed (pocketsphinx on early-round babble is slow).
+    """
+    import json
+    import shutil
+
+    if run_dir.exists():
+        return
+    shutil.copytree(base_dir / "round_000", run_dir / "round_000")
+    state = json.loads((base_dir / "state.json").read_text())
+    (run_dir / "state.json").write_text(json.dumps({"done": {"0": state["done"]["0"]}}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", default=str(ROOT / "configs" / "ablations" / "*.yaml"))
@@ -61,6 +77,7 @@ def main() -> None:
     for p in paths:
         cfg = load_config(p, args.set + [f"policy.pretrained={base_policy}"])
         t0 = time.time()
+        share_round0(base_cfg.run_dir, cfg.run_dir)
         if finished(cfg):
             log.info("%s: finished earlier, skipped", cfg.name)
             notes.append(f"- `{Path(p).name}`: finished earlier (reused)")
@@ -88,7 +105,7 @@ def write_table(args, run_dirs: list[Path], notes: list[str], total: float, pend
           f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/ablations.py "
           f"{' '.join(sys.argv[1:])}`; "
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, wall {total / 60:.1f} min for this "
-          "invocation. Every run starts from the same round-0 policy (`abl_base`); configs in "
+          "invocation. Every run starts from the same round-0 policy and its evaluation (`abl_base`, copied); configs in "
           "`configs/ablations/`. WER: pocketsphinx corpus WER on the 6-utterance test subset; SIM: resemblyzer "
           "cosine to a real recording of the target speaker. At this scale (CI-size corpus and base model, "
           "6 test utterances, a few steps) differences between methods are within noise: the table shows "

@@ -14,6 +14,7 @@ from align.base import BaseConfig
 from align.configutil import apply_overrides, from_dict, load_yaml, to_dict
 from align.corpus import CorpusConfig
 from align.speechgpt_gen import SpeechGPTGenConfig
+from align.methods import TrainConfig
 from align.stages import DPOStageConfig, EvalConfig, PairConfig, SampleConfig
 from models.codec import CodecConfig
 from models.codec_lm import PolicyConfig
@@ -47,7 +48,8 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    """A whole SpeechAlign run: base stage (round 0) then ``rounds`` rounds of sample/pair/DPO/evaluate."""
+    """A whole SpeechAlign run: base stage (round 0) then ``rounds`` rounds of sample/pair/train/evaluate
+    (``train.method``: dpo by default)."""
 
     name: str = field(default="tiny", metadata={"help": "run name: outputs go to <out_dir>/<name>/"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
@@ -66,6 +68,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     pair: PairConfig = field(default_factory=PairConfig)
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):

@@ -3,6 +3,9 @@
     round 0:        base (train or copy the starting policy) -> evaluate
     round k >= 1:   sample -> pair -> dpo -> evaluate          (round k-1's policy is the reference)
 
+The 'dpo' stage trains round k's policy with ``train.method`` (align/methods.py: dpo, sft_control,
+reward_bon, grpo, coh); it keeps its name so older run directories resume.
+
 After every finished round, ``metrics.jsonl`` is rebuilt from the rounds' own summary files, so it
 never holds a duplicate row after a resume.
 """
@@ -13,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from align import stages
+from align import methods, stages
 from align.base import run_base_stage
 from align.config import RunConfig
 from align.run import Context, RunDir, seed_everything, write_jsonl
@@ -21,7 +24,7 @@ from align.run import Context, RunDir, seed_everything, write_jsonl
 log = logging.getLogger("speechalign")
 
 ROUND_STAGES = ("sample", "pair", "dpo", "evaluate")
-STAGE_FNS = {"sample": stages.sample, "pair": stages.pair, "dpo": stages.dpo, "evaluate": stages.evaluate}
+STAGE_FNS = {"sample": stages.sample, "pair": stages.pair, "dpo": methods.train, "evaluate": stages.evaluate}
 
 
 def _base(ctx: Context, k: int) -> dict:
@@ -81,8 +84,11 @@ def round_row(run: RunDir, k: int) -> dict | None:
     dpo_path = run.round_dir(k) / "dpo" / "metrics.json"
     if dpo_path.exists():
         d = json.loads(dpo_path.read_text())["summary"]
-        row.update({"dpo_loss": d["loss"], "reward_accuracy": d["reward_accuracy"],
+        row.update({"method": d.get("method", "dpo"), "dpo_loss": d["loss"], "reward_accuracy": d["reward_accuracy"],
                     "reward_margin": d["reward_margin"], "pairs": d["pairs"]})
+        for key in ("rm_accuracy", "grpo_reward"):
+            if d.get(key) is not None:
+                row[key] = d[key]
     for part in ("samples", "pairs"):
         p = run.round_dir(k) / part / "stats.json"
         if p.exists():

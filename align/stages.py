@@ -1,8 +1,9 @@
 """The stages of one alignment round, each a plain function over the run directory.
 
     sample(ctx, k)    round k-1's policy speaks training texts       -> round_k/samples/samples.jsonl
-    pair(ctx, k)      golden (chosen) vs synthetic (rejected) pairs  -> round_k/pairs/pairs.jsonl
+    pair(ctx, k)      preference pairs (strategies in align/pairs.py) -> round_k/pairs/pairs.jsonl
     dpo(ctx, k)       trl.DPOTrainer, round k-1's policy as reference -> round_k/dpo/, round_k/policy/
+                      (the loop's 'dpo' stage runs align.methods.train, which dispatches on train.method)
     evaluate(ctx, k)  WER / SIM of round k's policy on the test split -> round_k/eval/
 
 Each reads only files of earlier stages and writes its folder through a temp name, so any stage
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from align.io import atomic_dir
+from align.pairs import PAIR_STRATEGIES, PairConfig, edit_distance  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from align.run import Context
@@ -45,30 +47,30 @@ class SampleConfig:
     top_k: int = field(default=50, metadata={"help": "top-k filter; 0 = off"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus filter; 1 = off"})
     batch_size: int = field(default=32, metadata={"help": "prompts per generate() call"})
+    temperatures: list[float] = field(default_factory=list, metadata={
+        "help": "per-sample temperatures, cycled over the sample index (sample j uses temperatures[j % len]); "
+                "empty = sample.temperature for all. Samples of one checkpoint at one temperature sound alike, "
+                "and ranking needs them to differ"})
+    top_ps: list[float] = field(default_factory=list, metadata={
+        "help": "per-sample top-p values, cycled like temperatures; empty = sample.top_p for all"})
 
     def __post_init__(self):
         if self.n < 1 or self.batch_size < 1 or self.prompts_per_round < 0:
             raise ValueError("sample.n and sample.batch_size must be >= 1, sample.prompts_per_round >= 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("sample.temperature >= 0, 0 < sample.top_p <= 1 and sample.top_k >= 0 are required")
+        if any(t < 0 for t in self.temperatures) or any(not 0 < p <= 1 for p in self.top_ps):
+            raise ValueError("sample.temperatures must be >= 0 and sample.top_ps in (0, 1]")
 
+    def settings(self, j: int) -> tuple[float, float]:
+        """(temperature, top_p) of sample index j."""
+        t = self.temperatures[j % len(self.temperatures)] if self.temperatures else self.temperature
+        p = self.top_ps[j % len(self.top_ps)] if self.top_ps else self.top_p
+        return t, p
 
-@dataclass
-class PairConfig:
-    """How samples become preference pairs."""
-
-    strategy: str = field(default="golden_vs_synthetic", metadata={
-        "help": "golden_vs_synthetic: golden tokens chosen, each synthetic sample rejected"})
-    min_distance: float = field(default=0.05, metadata={
-        "help": "drop pairs whose synthetic codes are this close to golden (normalised edit distance): "
-                "a near-copy of the golden tokens carries no preference signal"})
-    max_pairs: int = field(default=0, metadata={"help": "cap on pairs per round; 0 = no cap"})
-
-    def __post_init__(self):
-        if self.strategy not in PAIR_STRATEGIES:
-            raise ValueError(f"pair.strategy={self.strategy!r} unknown; choose one of {sorted(PAIR_STRATEGIES)}")
-        if not 0 <= self.min_distance < 1:
-            raise ValueError(f"pair.min_distance={self.min_distance} must be in [0, 1)")
+    @property
+    def varied(self) -> bool:
+        return bool(self.temperatures or self.top_ps)
 
 
 @dataclass
@@ -96,10 +98,33 @@ class DPOStageConfig:
         "help": "modules LoRA wraps"})
     save_steps: int = field(default=20, metadata={
         "help": "trainer checkpoint every N steps; a killed DPO resumes from the last one"})
+    # Extra parameters of some TRL loss types (passed to trl.DPOConfig as they are).
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "robust: probability that a preference label is flipped, in [0, 0.5) (paper: 0.1); exo_pair: "
+                "its epsilon (paper: 1e-3)"})
+    discopop_tau: float = field(default=0.05, metadata={"help": "discopop: temperature of the log-ratio modulation"})
+    ld_alpha: float | None = field(default=None, metadata={
+        "help": "LD-DPO: weight of the tokens beyond the shorter sequence's length, in [0, 1]; null = off. "
+                "Codec sequences differ in length, and summed log-probs favour the shorter"})
+    f_divergence_type: str = field(default="reverse_kl", metadata={
+        "help": "f-DPO regulariser: reverse_kl, forward_kl, js_divergence, alpha_divergence"})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={
+        "help": "alpha of f_divergence_type=alpha_divergence"})
+    use_weighting: bool = field(default=False, metadata={
+        "help": "WPO: weight pairs by the policy's length-normalised probability of them"})
 
     def __post_init__(self):
         if self.sft_weight < 0:
             raise ValueError(f"dpo.sft_weight={self.sft_weight} must be >= 0")
+        if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing}: robust DPO needs it in [0, 0.5)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise ValueError(f"dpo.ld_alpha={self.ld_alpha} must be in [0, 1] or null")
+        if self.f_divergence_type not in ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"):
+            raise ValueError(f"dpo.f_divergence_type={self.f_divergence_type!r}: choose reverse_kl, forward_kl, "
+                             "js_divergence or alpha_divergence")
         if self.beta <= 0:
             raise ValueError(f"dpo.beta={self.beta} must be > 0")
         if self.learning_rate <= 0 or self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -193,25 +218,6 @@ class EvalConfig:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-def edit_distance(a: list[int], b: list[int]) -> int:
-    """Levenshtein distance between two code sequences (O(len(a) * len(b)), numpy rows)."""
-    if not a:
-        return len(b)
-    if not b:
-        return len(a)
-    b_arr = np.asarray(b)
-    prev = np.arange(len(b) + 1)
-    for i, x in enumerate(a, 1):
-        cur = np.empty_like(prev)
-        cur[0] = i
-        sub = prev[:-1] + (b_arr != x)
-        cur[1:] = np.minimum(sub, prev[1:] + 1)
-        # insertions run left to right: a cumulative min over (cur[j-1] + 1)
-        cur = np.minimum.accumulate(cur - np.arange(len(cur))) + np.arange(len(cur))
-        prev = cur
-    return int(prev[-1])
-
-
 def _round_subset(items: list, n: int, seed: int) -> list:
     if n == 0 or n >= len(items):
         return list(items)
@@ -232,16 +238,26 @@ def sample(ctx: "Context", k: int) -> dict:
     subset = _round_subset(train, scfg.prompts_per_round, cfg.seed * 1000 + k)
     prompts = [ctx.prompt_for(u, train, salt=k) for u in subset]
     policy = Policy.load(ctx.run.policy_dir(k - 1), device=ctx.device)
+    texts, prompt_codes = [u.text for u in subset], [ctx.codes(p) for p in prompts]
     t0 = time.time()
-    outs = policy.generate([u.text for u in subset], [ctx.codes(p) for p in prompts], n=scfg.n,
-                           temperature=scfg.temperature, top_k=scfg.top_k, top_p=scfg.top_p,
-                           batch_size=scfg.batch_size, seed=cfg.seed * 1000 + k, progress=True)
+    if scfg.varied:  # one generate() per sample index, each with its own (temperature, top_p)
+        outs = [[] for _ in subset]
+        for j in range(scfg.n):
+            temperature, top_p = scfg.settings(j)
+            one = policy.generate(texts, prompt_codes, n=1, temperature=temperature, top_k=scfg.top_k, top_p=top_p,
+                                  batch_size=scfg.batch_size, seed=cfg.seed * 1000 + k + 7919 * j, progress=True)
+            for o, s in zip(outs, one):
+                o.extend(s)
+    else:
+        outs = policy.generate(texts, prompt_codes, n=scfg.n, temperature=scfg.temperature, top_k=scfg.top_k,
+                               top_p=scfg.top_p, batch_size=scfg.batch_size, seed=cfg.seed * 1000 + k, progress=True)
     seconds = time.time() - t0
     rows = []
     for u, p, samples in zip(subset, prompts, outs):
         for j, codes in enumerate(samples):
+            temperature, top_p = scfg.settings(j)
             rows.append({"id": u.id, "prompt_id": p.id, "text": u.text, "speaker": u.speaker, "sample": j,
-                         "codes": codes.tolist()})
+                         "temperature": temperature, "top_p": top_p, "codes": codes.tolist()})
     n_tokens = sum(len(r["codes"]) for r in rows)
     stats = {"prompts": len(subset), "samples": len(rows), "tokens": n_tokens,
              "tokens_per_second": n_tokens / max(seconds, 1e-9),
@@ -251,27 +267,6 @@ def sample(ctx: "Context", k: int) -> dict:
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     log.info("round %d sample: %d samples, %.0f tokens/s", k, len(rows), stats["tokens_per_second"])
     return stats
-
-
-def golden_vs_synthetic(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
-    """Golden RVQ-1 = chosen, each synthetic sample = rejected; scored by token distance and length."""
-    pcfg = ctx.cfg.pair
-    by_id = {u.id: u for u in ctx.splits.train}
-    pairs = []
-    for r in rows:
-        utt = by_id[r["id"]]
-        golden = ctx.codes(utt)[0].tolist()
-        synth = r["codes"]
-        dist = edit_distance(golden, synth) / max(len(golden), len(synth), 1)
-        pairs.append({"id": r["id"], "prompt_id": r["prompt_id"], "text": r["text"], "sample": r["sample"],
-                      "chosen_codes": golden, "rejected_codes": synth,
-                      "scores": {"token_distance": dist, "length_ratio": len(synth) / max(1, len(golden)),
-                                 "rejected_len": len(synth), "chosen_len": len(golden)},
-                      "keep": dist >= pcfg.min_distance})
-    return pairs
-
-
-PAIR_STRATEGIES = {"golden_vs_synthetic": golden_vs_synthetic}
 
 
 def pair(ctx: "Context", k: int) -> dict:
@@ -295,15 +290,33 @@ def pair(ctx: "Context", k: int) -> dict:
         kept = [p for p in pairs if p["keep"]]
     for p in pairs:
         prompt_codes = ctx.codes(by_id[p["prompt_id"]])[0, :n_prompt]
+        p["round"] = k
         p["prompt"] = prompt_str(prompt_codes, p["text"], frontend)
         p["chosen"] = completion_str(p["chosen_codes"])
         p["rejected"] = completion_str(p["rejected_codes"])
     if not kept:
-        raise ValueError(f"round {k}: every pair was filtered out (pair.min_distance={cfg.pair.min_distance}); "
-                         "lower it or sample with more diversity")
-    stats = {"pairs": len(kept), "dropped": len(pairs) - len(kept),
+        raise ValueError(f"round {k}: every pair was filtered out (pair.min_distance={cfg.pair.min_distance}, "
+                         f"pair.min_gap={cfg.pair.min_gap}, pair.max_chosen_wer={cfg.pair.max_chosen_wer}); "
+                         "loosen them or sample with more diversity (sample.temperatures)")
+    drops: dict[str, int] = {}
+    for p in pairs:
+        if not p["keep"]:
+            drops[p.get("drop", "max_pairs")] = drops.get(p.get("drop", "max_pairs"), 0) + 1
+    new_kept = len(kept)
+    if cfg.pair.data == "accumulate":  # earlier rounds' own kept pairs (not what they accumulated)
+        first = 1 if cfg.pair.accumulate_rounds == 0 else max(1, k - cfg.pair.accumulate_rounds)
+        for j in range(first, k):
+            for p in read_jsonl(ctx.run.round_dir(j) / "pairs" / "pairs.jsonl"):
+                if p["keep"] and p.get("round", j) == j:
+                    pairs.append(p)
+                    kept.append(p)
+    stats = {"pairs": len(kept), "new_pairs": new_kept, "accumulated": len(kept) - new_kept,
+             "dropped": len(pairs) - len(kept), "drop_reasons": drops,
              "mean_token_distance": float(np.mean([p["scores"]["token_distance"] for p in kept])),
              "mean_length_ratio": float(np.mean([p["scores"]["length_ratio"] for p in kept]))}
+    gaps = [p["scores"]["gap"] for p in kept if "gap" in p["scores"]]
+    if gaps:
+        stats["mean_score_gap"] = float(np.mean(gaps))
     with atomic_dir(ctx.run.round_dir(k) / "pairs") as tmp:
         write_jsonl(tmp / "pairs.jsonl", pairs)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
@@ -333,14 +346,15 @@ def dpo(ctx: "Context", k: int) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from align.run import read_jsonl, write_json
-    from models.codec_lm import Policy
+    from models.codec_lm import Policy, with_hint
 
     cfg, dcfg = ctx.cfg, ctx.cfg.dpo
     prev = ctx.run.policy_dir(k - 1)
     pairs = [p for p in read_jsonl(ctx.run.round_dir(k) / "pairs" / "pairs.jsonl") if p["keep"]]
-    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-                                 for p in pairs])
     policy = Policy.load(prev, device="cpu")
+    hint = policy.meta.get("quality_hint")  # a Chain-of-Hindsight policy is conditioned on its hint
+    dataset = Dataset.from_list([{"prompt": with_hint(p["prompt"], hint), "chosen": p["chosen"],
+                                  "rejected": p["rejected"]} for p in pairs])
     ref = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32)
     work = ctx.run.round_dir(k) / "dpo"
     work.mkdir(parents=True, exist_ok=True)
@@ -348,6 +362,9 @@ def dpo(ctx: "Context", k: int) -> dict:
         output_dir=str(work / "trainer"), beta=dcfg.beta,
         loss_type=[dcfg.loss_type] + (["sft"] if dcfg.sft_weight > 0 else []),
         loss_weights=[1.0, dcfg.sft_weight] if dcfg.sft_weight > 0 else None,
+        label_smoothing=dcfg.label_smoothing, discopop_tau=dcfg.discopop_tau, ld_alpha=dcfg.ld_alpha,
+        f_divergence_type=dcfg.f_divergence_type, f_alpha_divergence_coef=dcfg.f_alpha_divergence_coef,
+        use_weighting=dcfg.use_weighting,
         learning_rate=dcfg.learning_rate, max_steps=dcfg.steps, per_device_train_batch_size=dcfg.batch_size,
         gradient_accumulation_steps=dcfg.grad_accum, warmup_steps=int(dcfg.warmup_ratio * dcfg.steps),
         lr_scheduler_type="cosine", max_length=dcfg.max_length, logging_steps=1, save_steps=dcfg.save_steps,
@@ -379,7 +396,7 @@ def dpo(ctx: "Context", k: int) -> dict:
         vals = [h[key] for h in tail if key in h]
         return float(np.mean(vals)) if vals else None
 
-    stats = {"steps": result.global_step, "loss": mean("loss"), "reward_accuracy": mean("rewards/accuracies"),
+    stats = {"method": "dpo", "steps": result.global_step, "loss": mean("loss"), "reward_accuracy": mean("rewards/accuracies"),
              "reward_margin": mean("rewards/margins"), "logps_chosen": mean("logps/chosen"),
              "logps_rejected": mean("logps/rejected"), "pairs": len(pairs)}
     write_json(work / "metrics.json", {"summary": stats, "history": history})

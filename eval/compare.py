@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["run", "round", "wer", "sim", "dnsmos", "utmos", "reward_accuracy", "reward_margin", "dpo_loss", "pairs",
-           "mean_token_distance", "n_eval", "empty_outputs"]
+COLUMNS = ["run", "round", "method", "wer", "sim", "dnsmos", "utmos", "reward_accuracy", "reward_margin", "dpo_loss",
+           "pairs", "mean_token_distance", "grpo_reward", "n_eval", "empty_outputs"]
 
 
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:

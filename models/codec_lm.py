@@ -169,6 +169,15 @@ def prompt_str(prompt_codes, text: str, frontend: str = "chars") -> str:
     return f"<bos> <prompt> {codes_to_str(prompt_codes)} <text> {text_to_tokens(text, frontend)} <speech>"
 
 
+def with_hint(prompt: str, hint: str | None) -> str:
+    """Chain-of-Hindsight: put a quality hint token (``<good>``/``<bad>``) just before ``<speech>``."""
+    if not hint:
+        return prompt
+    if not prompt.endswith("<speech>"):
+        raise ValueError(f"a hint goes before the final <speech> token; got a prompt ending {prompt[-20:]!r}")
+    return f"{prompt[: -len('<speech>')]}{hint} <speech>"
+
+
 def completion_str(codes) -> str:
     """The speech part (DPO's ``chosen``/``rejected``): leading space, codes, ``<eos>``."""
     return f" {codes_to_str(codes)} <eos>"
@@ -210,8 +219,9 @@ class Policy:
     tokenizer: object
     nar: NARModel | None
     codec: Codec
-    meta: dict = field(default_factory=dict)  # prompt_seconds, frames_per_char, max_seconds, ...
+    meta: dict = field(default_factory=dict)  # prompt_seconds, frames_per_char, max_seconds, quality_hint, ...
     flow: "torch.nn.Module | None" = None  # models.flow.FlowModel: renders RVQ-1 instead of the NAR
+    reranker: object | None = None  # models.reward.BestOfN: generate() returns reward-reranked samples
 
     @property
     def text_frontend(self) -> str:
@@ -239,6 +249,8 @@ class Policy:
             if self.flow is not None:
                 self.flow.save(tmp / "flow")
             self.codec.save(tmp / "codec")
+            if self.reranker is not None:
+                self.reranker.save(tmp / "reward_model")
             meta = dict(self.meta, layout_version=LAYOUT_VERSION, codec_identity=self.codec.identity,
                         renderer="flow" if self.flow is not None else "nar")
             (tmp / "speechalign.json").write_text(json.dumps(meta, indent=2))
@@ -263,7 +275,18 @@ class Policy:
             from models.flow import FlowModel
 
             flow = FlowModel.load(path / "flow").to(device)
-        return cls(lm=lm, tokenizer=tokenizer, nar=nar, codec=load_codec(path / "codec"), meta=meta, flow=flow)
+        reranker = None
+        if (path / "reward_model" / "best_of_n.json").is_file():
+            from models.reward import BestOfN
+
+            reranker = BestOfN.load(path / "reward_model", device)
+        return cls(lm=lm, tokenizer=tokenizer, nar=nar, codec=load_codec(path / "codec"), meta=meta, flow=flow,
+                   reranker=reranker)
+
+    def conditioning(self, prompt_codes: torch.Tensor, text: str) -> str:
+        """The prompt string for (full prompt codes [n_q, Tp], text), with the policy's quality hint if any."""
+        return with_hint(prompt_str(self.prompt_codes(prompt_codes)[0], text, self.text_frontend),
+                         self.meta.get("quality_hint"))
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -274,8 +297,17 @@ class Policy:
 
         texts: B strings; prompts: B LongTensors [n_q, Tp] (full prompt codes; trimmed here).
         Returns B lists of n LongTensors [T_i] (codes before ``<eos>``). Greedy when temperature == 0.
-        Deterministic for a given seed and batch_size.
+        Deterministic for a given seed and batch_size. A policy with a ``reranker`` draws
+        ``reranker.n`` samples per returned one and keeps the best by its reward model.
         """
+        if self.reranker is not None:
+            many = self._sample(texts, prompts, n=n * self.reranker.n, temperature=temperature, top_k=top_k,
+                                top_p=top_p, batch_size=batch_size, seed=seed, progress=progress)
+            return self.reranker.pick([self.conditioning(p, t) for t, p in zip(texts, prompts)], many, keep=n)
+        return self._sample(texts, prompts, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
+                            batch_size=batch_size, seed=seed, progress=progress)
+
+    def _sample(self, texts, prompts, *, n, temperature, top_k, top_p, batch_size, seed, progress):
         from tqdm import tqdm
 
         lm = self.lm.eval()
@@ -292,8 +324,7 @@ class Policy:
         order = range(0, len(texts), batch_size)
         for start in tqdm(order, desc="sampling", disable=not progress, leave=False):
             batch_texts = texts[start: start + batch_size]
-            strs = [prompt_str(self.prompt_codes(p)[0], t, frontend)
-                    for t, p in zip(batch_texts, prompts[start: start + batch_size])]
+            strs = [self.conditioning(p, t) for t, p in zip(batch_texts, prompts[start: start + batch_size])]
             enc = tok(strs, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             # Cap length by the text: 2.5x the training data's frames per character, so a policy that
             # never emits <eos> cannot stall a round on max_seconds of babble.

@@ -1,0 +1,212 @@
+"""Each training method runs a tiny step on a tiny policy; the reward model learns golden > corrupted."""
+import json
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align import methods
+from align.config import load_config
+from align.run import read_jsonl
+from align.stages import pair
+from models.codec_lm import Policy, completion_str, prompt_str
+
+from .fakes import K, FakeContext, corrupted, golden_codes, tiny_policy
+
+
+def _round_one(tmp_path, overrides, n_utts=4, n=1):
+    ctx = FakeContext(tmp_path, overrides, n_utts=n_utts)
+    ctx.write_samples(1, ctx.sample_rows(n=n))
+    pair(ctx, 1)
+    return ctx
+
+
+def _changed(ctx) -> bool:
+    w0 = load_file(str(ctx.run.policy_dir(0) / "model.safetensors"))
+    w1 = load_file(str(ctx.run.policy_dir(1) / "model.safetensors"))
+    return any(not torch.equal(w0[k], w1[k]) for k in w0 if k in w1 and w0[k].shape == w1[k].shape)
+
+
+def _summary(ctx):
+    return json.loads((ctx.run.round_dir(1) / "dpo" / "metrics.json").read_text())["summary"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["dpo.loss_type=sigmoid_norm"],
+    pytest.param(["dpo.loss_type=robust", "dpo.label_smoothing=0.1"], marks=pytest.mark.slow),
+    pytest.param(["dpo.loss_type=ipo", "dpo.sft_weight=0.5"], marks=pytest.mark.slow),  # RPO-style SFT term
+])
+def test_dpo_loss_types_take_a_step(tmp_path, overrides):
+    ctx = _round_one(tmp_path, overrides)
+    stats = methods.train(ctx, 1)
+    assert stats["method"] == "dpo" and stats["steps"] == 2 and math.isfinite(stats["loss"])
+    assert _changed(ctx) and _summary(ctx)["method"] == "dpo"
+
+
+def test_every_installed_trl_loss_type_is_accepted():
+    from trl import DPOConfig
+
+    from align.stages import DPOStageConfig, _trl_loss_types
+
+    known = _trl_loss_types(DPOConfig)
+    assert {"sigmoid", "ipo", "hinge", "robust", "sigmoid_norm"} <= set(known)
+    for lt in known:
+        DPOStageConfig(loss_type=lt)
+    with pytest.raises(ValueError, match="installed TRL"):
+        DPOStageConfig(loss_type="nope")
+    with pytest.raises(ValueError, match="0.5"):
+        DPOStageConfig(loss_type="robust", label_smoothing=0.6)
+
+
+def test_sft_control_trains_on_golden_tokens_only(tmp_path):
+    ctx = _round_one(tmp_path, ["train.method=sft_control"])
+    before = Policy.load(ctx.run.policy_dir(0))
+    stats = methods.train(ctx, 1)
+    assert stats["method"] == "sft_control" and stats["examples"] == 4 and math.isfinite(stats["loss"])
+    assert _changed(ctx)
+    after = Policy.load(ctx.run.policy_dir(1))
+    # the golden completion became more likely
+    u = ctx.splits.train[0]
+    p = prompt_str(ctx.codes(ctx.splits.train[2])[0, :3], u.text)
+    ids = torch.tensor([before.tokenizer(p + completion_str(golden_codes(0)), add_special_tokens=False)["input_ids"]])
+    n_p = len(before.tokenizer(p, add_special_tokens=False)["input_ids"])
+    labels = ids.clone()
+    labels[:, :n_p] = -100
+    with torch.no_grad():
+        assert after.lm(ids, labels=labels).loss < before.lm(ids, labels=labels).loss
+
+
+def test_coh_adds_hints_and_generates_with_good(tmp_path):
+    ctx = _round_one(tmp_path, ["train.method=coh"])
+    stats = methods.train(ctx, 1)
+    assert stats["method"] == "coh" and stats["examples"] == 8
+    policy = Policy.load(ctx.run.policy_dir(1))
+    assert policy.meta["quality_hint"] == "<good>"
+    vocab = policy.tokenizer.get_vocab()
+    assert {"<good>", "<bad>"} <= set(vocab) and policy.lm.get_input_embeddings().weight.shape[0] == len(vocab)
+    cond = policy.conditioning(ctx.codes(ctx.splits.train[0]), "a cat")
+    assert cond.endswith("<good> <speech>")
+    out = policy.generate(["a cat"], [ctx.codes(ctx.splits.train[0])], n=2, temperature=1.0, top_k=0, seed=0)
+    assert len(out[0]) == 2 and all(x.numel() == 0 or x.max() < K for x in out[0])
+
+
+def test_reward_bon_attaches_a_reranker(tmp_path):
+    ctx = _round_one(tmp_path, ["train.method=reward_bon", "train.best_of_n=3", "train.reward.steps=3",
+                                "train.reward.batch_size=2"])
+    stats = methods.train(ctx, 1)
+    assert stats["method"] == "reward_bon" and stats["best_of_n"] == 3 and stats["pairs"] == 4
+    policy = Policy.load(ctx.run.policy_dir(1))
+    assert policy.reranker is not None and policy.reranker.n == 3
+    prompts = [ctx.codes(u) for u in ctx.splits.train[:2]]
+    assert [len(o) for o in policy.generate(["a cat", "the dog"], prompts, n=2, temperature=1.0, top_k=0)] == [2, 2]
+    out = policy.generate(["a cat"], prompts[:1], n=2, temperature=1.0, top_k=0, seed=0)
+    # the picked sample is the reward model's best of its group of 3
+    many = policy._sample(["a cat"], prompts[:1], n=6, temperature=1.0, top_k=0, top_p=1.0, batch_size=16, seed=0,
+                          progress=False)[0]
+    r = policy.reranker.reward_model.score([policy.conditioning(prompts[0], "a cat")] * 6, [m.tolist() for m in many])
+    assert torch.equal(out[0][0], many[int(r[:3].argmax())]) and torch.equal(out[0][1], many[3 + int(r[3:].argmax())])
+
+
+def test_grpo_takes_a_step_with_a_direct_reward(tmp_path, monkeypatch):
+    """reward=wer through the pluggable scorer registry; a stub WER (longer = worse) keeps ASR out of it."""
+    from align import pairs as P
+
+    seen = []
+
+    def stub_wer(ctx):
+        def score(batch):
+            seen.extend(r["codes"] for r in batch.rows)
+            return [len(r["codes"]) / 10 for r in batch.rows]
+        return score
+
+    monkeypatch.setitem(P.SCORERS, "wer", stub_wer)
+    ctx = _round_one(tmp_path, ["train.method=grpo", "train.grpo.reward=wer", "train.grpo.steps=1",
+                                "train.grpo.num_generations=2", "train.grpo.prompts_per_step=2",
+                                "train.grpo.max_completion_frames=8", "train.grpo.learning_rate=1e-3"])
+    stats = methods.train(ctx, 1)
+    assert stats["method"] == "grpo" and stats["grpo_reward"] is not None and _changed(ctx)
+    assert len(seen) == 4 and all(0 <= c < K for codes in seen for c in codes)
+
+
+@pytest.mark.slow
+def test_grpo_takes_a_step_with_a_reward_model(tmp_path):
+    ctx = _round_one(tmp_path, ["train.method=grpo", "train.reward.steps=2", "train.reward.batch_size=2",
+                                "train.grpo.steps=1", "train.grpo.num_generations=2", "train.grpo.prompts_per_step=2",
+                                "train.grpo.max_completion_frames=8", "train.grpo.learning_rate=1e-3"])
+    stats = methods.train(ctx, 1)
+    assert stats["method"] == "grpo" and stats["rm_pairs"] == 4 and stats["grpo_reward"] is not None
+    assert _changed(ctx)
+
+
+def test_grpo_rewards_read_completion_ids():
+    tok = tiny_policy().tokenizer
+    off = tok.convert_tokens_to_ids("<a0>")
+    seen = {}
+
+    def score(prompts, codes, rows):
+        seen.update(codes=codes, rows=rows)
+        return [float(len(c)) for c in codes]
+
+    fn = methods.CodesReward("r", tok, K, score)
+    ids = [[off + 3, off + 5, tok.eos_token_id, off + 1], [tok.convert_tokens_to_ids("<text>"), off + 2]]
+    out = fn(["p", "p"], ["", ""], ids, utt_id=["u0", "u1"], prompt_id=["u2", "u3"], text=["a", "b"])
+    assert out == [2.0, 1.0] and seen["codes"] == [[3, 5], [2]] and seen["rows"][1]["utt_id"] == "u1"
+
+
+def test_reward_model_ranks_golden_over_corrupted(tmp_path):
+    from models.reward import RewardConfig, train_reward_model
+
+    policy = tiny_policy()
+    rng = random.Random(0)
+    prompt = prompt_str([1, 2, 3], "a cat")
+
+    def pairs(idx):
+        return [{"prompt": prompt, "chosen": completion_str(golden_codes(i)),
+                 "rejected": completion_str(corrupted(golden_codes(i), rng))} for i in idx]
+
+    rm, stats = train_reward_model(policy, pairs(range(12)), RewardConfig(steps=30, learning_rate=3e-3, batch_size=6),
+                                   tmp_path, seed=0)
+    held_out = [(golden_codes(i, 15), corrupted(golden_codes(i, 15), rng)) for i in range(40, 56)]
+    g = rm.score([prompt] * len(held_out), [a for a, _ in held_out])
+    b = rm.score([prompt] * len(held_out), [b for _, b in held_out])
+    assert (g > b).float().mean() >= 0.9, (g, b)
+    rm.save(tmp_path / "rm")
+    from models.reward import RewardModel
+
+    again = RewardModel.load(tmp_path / "rm")
+    assert torch.allclose(again.score([prompt], [held_out[0][0]]), g[:1], atol=1e-5)
+
+
+def test_method_config_validation_and_old_configs_resume(tmp_path):
+    with pytest.raises(ValueError, match="train.method"):
+        load_config(None, ["train.method=ppo"])
+    with pytest.raises(ValueError, match="num_generations"):
+        load_config(None, ["train.grpo.num_generations=1"])
+    # a run directory written before train:/new pair: keys existed resumes with the same config
+    import yaml
+
+    from align.configutil import to_dict
+    from align.run import RunDir
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "name=old"])
+    old = to_dict(cfg)
+    del old["train"]
+    for key in ("scorers", "rank_by", "weights", "min_gap", "max_chosen_wer", "data", "accumulate_rounds"):
+        del old["pair"][key]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(old))
+    RunDir(cfg)
+    with pytest.raises(ValueError, match="different config"):
+        RunDir(load_config(None, [f"out_dir={tmp_path}", "name=old", "train.method=coh"]))
+
+
+def test_every_ablation_config_loads():
+    from .conftest import REPO
+
+    paths = sorted((REPO / "configs" / "ablations").glob("*.yaml"))
+    assert paths
+    got = {load_config(p).train.method for p in paths}
+    assert got == set(methods.METHODS)
+    assert read_jsonl  # imported for the fixtures above

@@ -167,24 +167,19 @@ def _sim_scorer(ctx: "Context"):
 
 
 def _dnsmos_scorer(ctx: "Context"):
-    """DNSMOS-style quality from ``eval.quality`` when that module is installed, else skipped.
+    """DNSMOS P.808 MOS of each sample (``eval.quality``; higher is better; NaN for silence)."""
+    from align.audio import resample
+    from eval.quality import build_quality
 
-    Expected hook: ``eval.quality.build_quality_scorer("dnsmos")`` returning an object with
-    ``score(wavs, sample_rate) -> list[float]`` (higher is better).
-    """
-    try:
-        from eval.quality import build_quality_scorer  # added by the quality-metrics work; optional here
-    except ImportError:
-        return None
-    scorer = build_quality_scorer("dnsmos")
+    scorer = build_quality("dnsmos")
 
     def score(batch: SampleBatch) -> list[float]:
-        return [float(s) for s in scorer.score(batch.wavs, batch.sample_rate)]
+        wavs = [resample(w, batch.sample_rate, scorer.sample_rate) for w in batch.wavs]
+        return [float(s["dnsmos"]) for s in scorer.score(wavs)]
 
     return score
 
 
-# name -> factory(ctx) -> (SampleBatch -> list[float]) or None when the backend is unavailable.
 SCORERS: dict[str, Callable] = {"wer": _wer_scorer, "sim": _sim_scorer, "dnsmos": _dnsmos_scorer}
 
 

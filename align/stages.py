@@ -225,9 +225,10 @@ PAIR_STRATEGIES = {"golden_vs_synthetic": golden_vs_synthetic}
 def pair(ctx: "Context", k: int) -> dict:
     """Samples -> preference pairs (recorded with scores; filtered pairs kept with keep=false)."""
     from align.run import read_jsonl, write_jsonl
-    from models.codec_lm import completion_str, prompt_str
+    from models.codec_lm import format_of
 
     cfg = ctx.cfg
+    fmt = format_of(ctx.run.policy_dir(k - 1))  # the layout of the policy that is being aligned
     rows = read_jsonl(ctx.run.round_dir(k) / "samples" / "samples.jsonl")
     pairs = PAIR_STRATEGIES[cfg.pair.strategy](ctx, k, rows)
     n_prompt = max(1, int(round(cfg.policy.prompt_seconds * ctx.codec.frame_rate)))
@@ -240,9 +241,9 @@ def pair(ctx: "Context", k: int) -> dict:
         kept = [p for p in pairs if p["keep"]]
     for p in pairs:
         prompt_codes = ctx.codes(by_id[p["prompt_id"]])[0, :n_prompt]
-        p["prompt"] = prompt_str(prompt_codes, p["text"])
-        p["chosen"] = completion_str(p["chosen_codes"])
-        p["rejected"] = completion_str(p["rejected_codes"])
+        p["prompt"] = fmt.prompt_str(prompt_codes, p["text"])
+        p["chosen"] = fmt.completion_str(p["chosen_codes"])
+        p["rejected"] = fmt.completion_str(p["rejected_codes"])
     if not kept:
         raise ValueError(f"round {k}: every pair was filtered out (pair.min_distance={cfg.pair.min_distance}); "
                          "lower it or sample with more diversity")

@@ -26,6 +26,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -137,6 +138,49 @@ def parse_codes(s: str) -> torch.LongTensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sequence formats: how a policy writes (text, voice prompt) -> speech as one token string.
+# A policy directory names its format in speechalign.json ("format"; absent = "codec_lm");
+# Policy.generate and the pair stage go through it, so any plain-text LM layout can be aligned.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SequenceFormat:
+    """One sequence layout: DPO's prompt/completion strings and how generated speech is read back."""
+
+    name: str
+    prompt_str: Callable[..., str]        # (prompt_codes [Tp], text) -> prompt
+    completion_str: Callable[..., str]    # (codes [T]) -> completion (DPO chosen/rejected)
+    parse_codes: Callable[[str], torch.LongTensor]  # generated token string -> codes [T]
+    speech_tokens: Callable[[int], list[str]]       # codebook_size -> tokens generation may emit
+    stop_tokens: list[str]                          # tokens that end generation
+
+
+CODEC_LM_FORMAT = SequenceFormat(name="codec_lm", prompt_str=prompt_str, completion_str=completion_str,
+                                 parse_codes=parse_codes,
+                                 speech_tokens=lambda k: [codec_token(i) for i in range(k)], stop_tokens=["<eos>"])
+# name -> "module:factory" (imported lazily: a format's module may import this one)
+SEQUENCE_FORMATS = {"codec_lm": "models.codec_lm:_codec_lm_format", "speechgpt": "models.speechgpt:speechgpt_format"}
+
+
+def _codec_lm_format() -> SequenceFormat:
+    return CODEC_LM_FORMAT
+
+
+def get_format(name: str) -> SequenceFormat:
+    import importlib
+
+    if name not in SEQUENCE_FORMATS:
+        raise ValueError(f"sequence format {name!r} unknown; known: {sorted(SEQUENCE_FORMATS)}")
+    module, factory = SEQUENCE_FORMATS[name].split(":")
+    return getattr(importlib.import_module(module), factory)()
+
+
+def format_of(policy_dir: str | Path) -> SequenceFormat:
+    """The sequence format a policy directory declares in its speechalign.json."""
+    meta = json.loads((Path(policy_dir) / "speechalign.json").read_text())
+    return get_format(meta.get("format", "codec_lm"))
+
+
+# ---------------------------------------------------------------------------------------------
 def build_lm(size: str, vocab_size: int, max_positions: int, seed: int):
     """A fresh ``LlamaForCausalLM`` of a named size over the joint vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -171,6 +215,11 @@ class Policy:
     @property
     def code_offset(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(codec_token(0))
+
+    @property
+    def format(self) -> SequenceFormat:
+        """The policy's sequence layout (``meta["format"]``, default ``codec_lm``)."""
+        return get_format(self.meta.get("format", "codec_lm"))
 
     def prompt_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Trim a prompt utterance's codes [n_q, T] to the policy's prompt length -> [n_q, Tp]."""
@@ -225,8 +274,9 @@ class Policy:
         device = next(lm.parameters()).device
         tok = self.tokenizer
         K = self.codec.codebook_size
-        offset = self.code_offset
-        allowed = torch.tensor(list(range(offset, offset + K)) + [tok.eos_token_id])
+        fmt = self.format
+        stop_ids = tok.convert_tokens_to_ids(fmt.stop_tokens)
+        allowed = torch.tensor(tok.convert_tokens_to_ids(fmt.speech_tokens(K)) + stop_ids)
         processor = _AllowOnly(allowed, len(tok))
         max_frames = int(self.meta.get("max_seconds", 6.0) * self.codec.frame_rate)
         fpc = float(self.meta.get("frames_per_char", 4.0))
@@ -234,7 +284,7 @@ class Policy:
         order = range(0, len(texts), batch_size)
         for start in tqdm(order, desc="sampling", disable=not progress, leave=False):
             batch_texts = texts[start: start + batch_size]
-            strs = [prompt_str(self.prompt_codes(p)[0], t) for t, p in zip(batch_texts, prompts[start: start + batch_size])]
+            strs = [fmt.prompt_str(self.prompt_codes(p)[0], t) for t, p in zip(batch_texts, prompts[start: start + batch_size])]
             enc = tok(strs, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             # Cap length by the text: 2.5x the training data's frames per character, so a policy that
             # never emits <eos> cannot stall a round on max_seconds of babble.
@@ -247,16 +297,15 @@ class Policy:
                               top_k=top_k if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
                               max_new_tokens=max_new, num_return_sequences=n,
                               logits_processor=LogitsProcessorList([processor]),
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                              eos_token_id=stop_ids, pad_token_id=tok.pad_token_id)
             new = out[:, enc["input_ids"].shape[1]:].cpu()
             for i in range(len(batch_texts)):
                 samples = []
                 for j in range(n):
                     ids = new[i * n + j]
-                    end = (ids == tok.eos_token_id).nonzero()
-                    ids = ids[: int(end[0])] if len(end) else ids
                     ids = ids[ids != tok.pad_token_id]
-                    samples.append((ids - offset).clamp(0, K - 1).long())
+                    codes = fmt.parse_codes("".join(tok.convert_ids_to_tokens(ids.tolist())))
+                    samples.append(codes.clamp(0, K - 1).long())
                 results.append(samples)
         return results
 

@@ -269,8 +269,8 @@ def test_base_model_from_a_local_folder_gets_units_and_format_tokens(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # A tiny SpeechGPT policy (overfitted on two dialogues): the loop's format hook and chat
 # ---------------------------------------------------------------------------------------------
-TTS_TEXT, TTS_UNITS = "hello there", [1, 2, 3, 3, 5, 5, 6]
-QA_INSTRUCTION, QA_QUESTION, QA_ANSWER = "Answer in text.", "who are you", "i am speechgpt"
+TTS_TEXT, TTS_UNITS = "hello there", [1, 2, 3, 4, 5, 6, 7]  # distinct: a tiny model need not count repeats
+QA_INSTRUCTION, QA_QUESTION, QA_ANSWER = "Answer in text.", "who are you", "i am tiny"
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +292,7 @@ def tiny_policy_dir(tmp_path_factory):
     dialogues = [SFTExample(S.prompt_text(S.TTS_INSTRUCTIONS[0], TTS_TEXT), S.tts_completion(TTS_UNITS), "tts"),
                  SFTExample(S.prompt_text(QA_INSTRUCTION, QA_QUESTION), QA_ANSWER + S.EOA, "com")]
     items = [sft_features(tok, e, 1024) for e in dialogues]
-    scfg = SpeechGPTStageConfig(steps=40, batch_size=2, lr=1e-2, warmup_ratio=0.05, log_every=40)
+    scfg = SpeechGPTStageConfig(steps=80, batch_size=2, lr=1e-2, warmup_ratio=0.05, log_every=80)
     lm = S.build_lm("tiny", len(tok), 1024, seed=0, pad_token_id=tok.pad_token_id)
     train_stage("stage2", lm, tok, items, scfg, root / "stage2", accelerator=_accelerator(), seed=0)
     from transformers import AutoModelForCausalLM

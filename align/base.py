@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from align.speechgpt_gen import speechgpt_gen_base
+from align.speechgpt import SpeechGPTConfig
 
 if TYPE_CHECKING:
     from align.run import Context
@@ -29,7 +30,8 @@ class BaseConfig:
     """Round 0: which base stage builds the starting policy, and its training budget."""
 
     stage: str = field(default="sft", metadata={
-        "help": "base stage: sft (AR + NAR teacher forcing) or speechgpt_gen (AR + flow-matching renderer)"})
+        "help": "base stage: sft (AR + NAR teacher forcing), speechgpt (three-stage unit LM, see speechgpt:) "
+                "or speechgpt_gen (AR + flow-matching renderer)"})
     steps: int = field(default=1500, metadata={"help": "AR optimiser steps"})
     batch_size: int = field(default=16, metadata={"help": "AR sequences per step"})
     lr: float = field(default=2e-3, metadata={"help": "AR peak learning rate (AdamW, cosine, warm-up)"})
@@ -40,6 +42,8 @@ class BaseConfig:
     nar_lr: float = field(default=1e-3, metadata={"help": "NAR peak learning rate"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     log_every: int = field(default=100, metadata={"help": "log the running loss every N steps"})
+    speechgpt: SpeechGPTConfig = field(default_factory=SpeechGPTConfig, metadata={
+        "help": "stage=speechgpt: units, model size, the three stages' budgets, LoRA (align/speechgpt.py)"})
 
     def __post_init__(self):
         if self.stage not in BASE_STAGES:
@@ -223,8 +227,16 @@ def pretrained_base(ctx: "Context", out_dir: Path) -> dict:
     return {"copied_from": str(src)}
 
 
-# name -> function(ctx, out_dir) -> stats. SpeechGPT / SpeechGPT-Gen base stages register here.
-BASE_STAGES: dict[str, Callable] = {"sft": sft_base, "speechgpt_gen": speechgpt_gen_base}
+def speechgpt_base(ctx: "Context", out_dir: Path) -> dict:
+    """SpeechGPT's three training stages (align/speechgpt.py); round 0 = its stage-2 or stage-3 model."""
+    from align.speechgpt import speechgpt_base as run
+
+    return run(ctx, out_dir)
+
+
+# name -> function(ctx, out_dir) -> stats. Other base stages register here.
+BASE_STAGES: dict[str, Callable] = {"sft": sft_base, "speechgpt": speechgpt_base,
+                                    "speechgpt_gen": speechgpt_gen_base}
 
 
 def run_base_stage(ctx: "Context", out_dir: Path) -> dict:

@@ -40,6 +40,49 @@ def cmd_run(args) -> None:
     print(to_markdown(compare_runs([root])))
 
 
+def cmd_base(args) -> None:
+    from align.config import load_config
+    from align.loop import run_base
+
+    overrides = list(args.set) + ([f"base.stage={args.stage}"] if args.stage else [])
+    policy_dir = run_base(load_config(args.config, overrides))
+    logging.getLogger("speechalign").info("round-0 policy ready: %s", policy_dir)
+
+
+def cmd_chat(args) -> None:
+    from pathlib import Path
+
+    from align.audio import load_audio, save_audio
+    from models.codec_lm import Policy
+    from models.speechgpt import chat, load_extractor
+
+    if (args.text is None) == (args.wav is None):
+        raise ValueError("chat needs exactly one of --text or --wav")
+    policy = Policy.load(args.policy, device=args.device)
+    if policy.meta.get("format") != "speechgpt":
+        raise ValueError(f"{args.policy} is a {policy.meta.get('format', 'codec_lm')!r} policy; chat needs a SpeechGPT "
+                         "one (speechalign base --stage speechgpt CONFIG writes it to runs/<name>/round_000/policy)")
+    units_dir = Path(args.policy) / "speechgpt_units"
+    extractor = load_extractor(units_dir, codec=policy.codec) if units_dir.is_dir() else None
+    wav = None
+    if args.wav:
+        wav = load_audio(args.wav, extractor.sample_rate if extractor else policy.codec.sample_rate)
+    reply = chat(policy, text=args.text, wav=wav, instruction=args.instruction, extractor=extractor,
+                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                 max_new_tokens=args.max_new_tokens, seed=args.seed, speak=args.out is not None)
+    if reply.transcript:
+        print(f"Transcript: {reply.transcript}")
+    print(f"Response: {reply.text}")
+    if reply.units.numel():
+        print(f"Speech: {reply.units.numel()} units")
+    if args.out:
+        if reply.wav is None or not len(reply.wav):
+            logging.getLogger("speechalign").warning("the reply holds no speech; %s not written", args.out)
+        else:
+            save_audio(args.out, reply.wav, reply.sample_rate)
+            print(f"Speech written to {args.out}")
+
+
 def cmd_compare(args) -> None:
     from eval.compare import compare_runs, to_markdown, write_comparison
 
@@ -100,6 +143,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-gb", type=float, default=None,
                    help="--dry-run: memory per GPU in GB (default: the visible GPU, else 80)")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("base", help="train only the base stage (round 0) of a config, e.g. --stage speechgpt")
+    p.add_argument("config")
+    p.add_argument("--stage", help="base stage to use (sets base.stage), e.g. speechgpt")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_base)
+
+    p = sub.add_parser("chat", help="talk to a SpeechGPT policy in text or speech")
+    p.add_argument("--policy", required=True, help="a SpeechGPT policy directory")
+    p.add_argument("--text", help="the message (or the input, with --instruction)")
+    p.add_argument("--wav", help="a spoken message (audio file)")
+    p.add_argument("--instruction", help="instruction before 'This is input:' (default for --wav: answer in speech)")
+    p.add_argument("--out", help="write the spoken part of the reply to this WAV")
+    # published decoding defaults
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("compare", help="per-round table of one or more runs (CSV + Markdown)")
     p.add_argument("run_dirs", nargs="+")

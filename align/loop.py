@@ -110,3 +110,20 @@ def write_metrics(run: RunDir) -> None:
             rows.append(row)
         k += 1
     write_jsonl(run.root / "metrics.jsonl", rows)
+
+
+def run_base(cfg: RunConfig) -> Path:
+    """Only round 0's base stage (``speechalign base``); a later ``run`` of the same config goes on from it.
+
+    Returns the round-0 policy directory.
+    """
+    run = RunDir(cfg)
+    ctx = Context(cfg, run)
+    if run.done(0, "base"):
+        log.info("round 0: base already done (%s)", run.policy_dir(0))
+    else:
+        seed_everything(cfg.seed)
+        t0 = time.time()
+        _base(ctx, 0)
+        run.mark_done(0, "base", time.time() - t0)
+    return run.policy_dir(0)

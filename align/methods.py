@@ -154,7 +154,7 @@ def dpo(ctx: "Context", k: int) -> dict:
 def sft_control(ctx: "Context", k: int) -> dict:
     """Continue-SFT on the golden tokens of this round's sampled prompts (no preference signal)."""
     from align.run import read_jsonl
-    from models.codec_lm import Policy, completion_str, prompt_str
+    from models.codec_lm import Policy, completion_str
 
     cfg, dcfg = ctx.cfg, ctx.cfg.dpo
     rows = read_jsonl(ctx.run.round_dir(k) / "samples" / "samples.jsonl")
@@ -167,7 +167,7 @@ def sft_control(ctx: "Context", k: int) -> dict:
             continue
         seen.add(r["id"])
         golden = ctx.codes(by_id[r["id"]])[0]
-        examples.append((prompt_str(ctx.codes(by_id[r["prompt_id"]])[0, :n_prompt], r["text"], policy.text_frontend),
+        examples.append((policy.format.prompt_str(ctx.codes(by_id[r["prompt_id"]])[0, :n_prompt], r["text"]),
                          completion_str(golden)))
     loss, history = sft_steps(policy, examples, steps=dcfg.steps, lr=dcfg.learning_rate, batch_size=dcfg.batch_size,
                               warmup=int(dcfg.warmup_ratio * dcfg.steps), seed=cfg.seed + k, bcfg=cfg.base,
@@ -298,7 +298,7 @@ def grpo(ctx: "Context", k: int) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from align.run import read_jsonl
-    from models.codec_lm import Policy, prompt_str, with_hint
+    from models.codec_lm import Policy, with_hint
 
     cfg, gcfg = ctx.cfg, ctx.cfg.train.grpo
     work = ctx.run.round_dir(k) / "dpo"
@@ -320,7 +320,7 @@ def grpo(ctx: "Context", k: int) -> dict:
     for r in rows:
         if r["id"] not in seen:
             seen.add(r["id"])
-            p = prompt_str(ctx.codes(by_id[r["prompt_id"]])[0, :n_prompt], r["text"], policy.text_frontend)
+            p = policy.format.prompt_str(ctx.codes(by_id[r["prompt_id"]])[0, :n_prompt], r["text"])
             data.append({"prompt": with_hint(p, policy.meta.get("quality_hint")), "utt_id": r["id"],
                          "prompt_id": r["prompt_id"], "text": r["text"]})
     tok = policy.tokenizer

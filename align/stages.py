@@ -272,15 +272,13 @@ def sample(ctx: "Context", k: int) -> dict:
 def pair(ctx: "Context", k: int) -> dict:
     """Samples -> preference pairs (recorded with scores; filtered pairs kept with keep=false)."""
     from align.run import read_jsonl, write_jsonl
-    from models.codec_lm import completion_str, prompt_str
+    from models.codec_lm import format_of
 
     cfg = ctx.cfg
+    fmt = format_of(ctx.run.policy_dir(k - 1))  # the layout of the policy that is being aligned
     rows = read_jsonl(ctx.run.round_dir(k) / "samples" / "samples.jsonl")
     pairs = PAIR_STRATEGIES[cfg.pair.strategy](ctx, k, rows)
     n_prompt = max(1, int(round(cfg.policy.prompt_seconds * ctx.codec.frame_rate)))
-    # the sequence layout of the policy being trained (a pretrained one may differ from the config)
-    meta = json.loads((ctx.run.policy_dir(k - 1) / "speechalign.json").read_text())
-    frontend = meta.get("text_frontend", "chars")
     by_id = {u.id: u for u in ctx.splits.train}
     kept = [p for p in pairs if p["keep"]]
     if cfg.pair.max_pairs and len(kept) > cfg.pair.max_pairs:
@@ -291,9 +289,9 @@ def pair(ctx: "Context", k: int) -> dict:
     for p in pairs:
         prompt_codes = ctx.codes(by_id[p["prompt_id"]])[0, :n_prompt]
         p["round"] = k
-        p["prompt"] = prompt_str(prompt_codes, p["text"], frontend)
-        p["chosen"] = completion_str(p["chosen_codes"])
-        p["rejected"] = completion_str(p["rejected_codes"])
+        p["prompt"] = fmt.prompt_str(prompt_codes, p["text"])
+        p["chosen"] = fmt.completion_str(p["chosen_codes"])
+        p["rejected"] = fmt.completion_str(p["rejected_codes"])
     if not kept:
         raise ValueError(f"round {k}: every pair was filtered out (pair.min_distance={cfg.pair.min_distance}, "
                          f"pair.min_gap={cfg.pair.min_gap}, pair.max_chosen_wer={cfg.pair.max_chosen_wer}); "

@@ -27,6 +27,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -190,6 +191,57 @@ def parse_codes(s: str) -> torch.LongTensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sequence formats: how a policy writes (text, voice prompt) -> speech as one token string.
+# A policy directory names its format in speechalign.json ("format"; absent = "codec_lm");
+# Policy.generate and the pair stage go through it, so any plain-text LM layout can be aligned.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SequenceFormat:
+    """One sequence layout: DPO's prompt/completion strings and how generated speech is read back."""
+
+    name: str
+    prompt_str: Callable[..., str]        # (prompt_codes [Tp], text) -> prompt
+    completion_str: Callable[..., str]    # (codes [T]) -> completion (DPO chosen/rejected)
+    parse_codes: Callable[[str], torch.LongTensor]  # generated token string -> codes [T]
+    speech_tokens: Callable[[int], list[str]]       # codebook_size -> tokens generation may emit
+    stop_tokens: list[str]                          # tokens that end generation
+
+
+CODEC_LM_FORMAT = SequenceFormat(name="codec_lm", prompt_str=prompt_str, completion_str=completion_str,
+                                 parse_codes=parse_codes,
+                                 speech_tokens=lambda k: [codec_token(i) for i in range(k)], stop_tokens=["<eos>"])
+# name -> "module:factory" (imported lazily: a format's module may import this one)
+SEQUENCE_FORMATS = {"codec_lm": "models.codec_lm:_codec_lm_format", "speechgpt": "models.speechgpt:speechgpt_format"}
+
+
+def _codec_lm_format() -> SequenceFormat:
+    return CODEC_LM_FORMAT
+
+
+def get_format(name: str) -> SequenceFormat:
+    import importlib
+
+    if name not in SEQUENCE_FORMATS:
+        raise ValueError(f"sequence format {name!r} unknown; known: {sorted(SEQUENCE_FORMATS)}")
+    module, factory = SEQUENCE_FORMATS[name].split(":")
+    return getattr(importlib.import_module(module), factory)()
+
+
+def format_for(meta: dict) -> SequenceFormat:
+    """The sequence format a policy's meta declares (``format``, default codec_lm), with its text frontend."""
+    fmt = get_format(meta.get("format", "codec_lm"))
+    frontend = meta.get("text_frontend", "chars")
+    if fmt.name == "codec_lm" and frontend != "chars":
+        fmt = dataclasses.replace(fmt, prompt_str=functools.partial(prompt_str, frontend=frontend))
+    return fmt
+
+
+def format_of(policy_dir: str | Path) -> SequenceFormat:
+    """The sequence format a policy directory declares in its speechalign.json."""
+    return format_for(json.loads((Path(policy_dir) / "speechalign.json").read_text()))
+
+
+# ---------------------------------------------------------------------------------------------
 def build_lm(size: str, vocab_size: int, max_positions: int, seed: int):
     """A fresh ``LlamaForCausalLM`` of a named size over the joint vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -230,6 +282,11 @@ class Policy:
     @property
     def code_offset(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(codec_token(0))
+
+    @property
+    def format(self) -> SequenceFormat:
+        """The policy's sequence layout (``meta["format"]``, default ``codec_lm``)."""
+        return format_for(self.meta)
 
     def prompt_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Trim a prompt utterance's codes [n_q, T] to the policy's prompt length -> [n_q, Tp]."""
@@ -285,8 +342,7 @@ class Policy:
 
     def conditioning(self, prompt_codes: torch.Tensor, text: str) -> str:
         """The prompt string for (full prompt codes [n_q, Tp], text), with the policy's quality hint if any."""
-        return with_hint(prompt_str(self.prompt_codes(prompt_codes)[0], text, self.text_frontend),
-                         self.meta.get("quality_hint"))
+        return with_hint(self.format.prompt_str(self.prompt_codes(prompt_codes)[0], text), self.meta.get("quality_hint"))
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -314,8 +370,9 @@ class Policy:
         device = next(lm.parameters()).device
         tok = self.tokenizer
         K = self.codec.codebook_size
-        offset = self.code_offset
-        allowed = torch.tensor(list(range(offset, offset + K)) + [tok.eos_token_id])
+        fmt = self.format
+        stop_ids = tok.convert_tokens_to_ids(fmt.stop_tokens)
+        allowed = torch.tensor(tok.convert_tokens_to_ids(fmt.speech_tokens(K)) + stop_ids)
         processor = _AllowOnly(allowed, len(tok))
         max_frames = int(self.meta.get("max_seconds", 6.0) * self.codec.frame_rate)
         fpc = float(self.meta.get("frames_per_char", 4.0))  # frames per text token
@@ -337,16 +394,15 @@ class Policy:
                               top_k=top_k if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
                               max_new_tokens=max_new, num_return_sequences=n,
                               logits_processor=LogitsProcessorList([processor]),
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                              eos_token_id=stop_ids, pad_token_id=tok.pad_token_id)
             new = out[:, enc["input_ids"].shape[1]:].cpu()
             for i in range(len(batch_texts)):
                 samples = []
                 for j in range(n):
                     ids = new[i * n + j]
-                    end = (ids == tok.eos_token_id).nonzero()
-                    ids = ids[: int(end[0])] if len(end) else ids
                     ids = ids[ids != tok.pad_token_id]
-                    samples.append((ids - offset).clamp(0, K - 1).long())
+                    codes = fmt.parse_codes("".join(tok.convert_ids_to_tokens(ids.tolist())))
+                    samples.append(codes.clamp(0, K - 1).long())
                 results.append(samples)
         return results
 

@@ -69,7 +69,8 @@ class FakeContext:
         utts = [Utterance(f"u{i}", str(root / f"u{i}.wav"), texts[i % len(texts)], f"s{i % 2}") for i in range(n_utts)]
         self.splits = SimpleNamespace(train=utts, dev=[], test=[])
         self._codes = {u.id: torch.tensor([golden_codes(i)]) for i, u in enumerate(utts)}
-        self.policy.save(self.run.policy_dir(0))
+        for k in range(3):  # pair() lays round k's pairs out for round k-1's policy
+            self.policy.save(self.run.policy_dir(k))
 
     def codes(self, utt) -> torch.LongTensor:
         return self._codes[utt.id]

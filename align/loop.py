@@ -75,6 +75,9 @@ def round_row(run: RunDir, k: int) -> dict | None:
     summary = json.loads(summary_path.read_text())
     row = {"round": k, "wer": summary["wer"], "sim": summary["sim"], "n_eval": summary["n"],
            "empty_outputs": summary.get("empty_outputs", 0), "mean_duration": summary.get("mean_duration")}
+    for key in ("dnsmos", "gap_auc", "gap_logp_margin", "gap_logp_golden", "gap_logp_synthetic"):
+        if key in summary:  # optional: DNSMOS where scored, the gap where eval.gap_utterances > 0
+            row[key] = summary[key]
     dpo_path = run.round_dir(k) / "dpo" / "metrics.json"
     if dpo_path.exists():
         d = json.loads(dpo_path.read_text())["summary"]

@@ -104,3 +104,7 @@ def write_metrics(run: RunDir) -> None:
             rows.append(row)
         k += 1
     write_jsonl(run.root / "metrics.jsonl", rows)
+    if rows:
+        from eval.table import write_table
+
+        write_table(run.root)  # utterances.parquet: every round's per-utterance rows, rebuilt like metrics.jsonl

@@ -129,6 +129,8 @@ def test_completion_logprobs_batched_equals_one_by_one_and_a_manual_forward(ci_r
 def test_table_of_every_round_matches_metrics(ci_run, tmp_path):
     path = write_table(ci_run, tmp_path / "utts.parquet")
     df = pd.read_parquet(path)
+    # the loop keeps the same table in the run directory
+    pd.testing.assert_frame_equal(pd.read_parquet(ci_run / "utterances.parquet"), df)
     assert {"id", "round", "text", "hypothesis", "wer", "sim", "dnsmos", "duration", "sample"} <= set(df.columns)
     metrics = {r["round"]: r for r in read_jsonl(ci_run / "metrics.jsonl")}
     for k, g in df.groupby("round"):
@@ -195,8 +197,11 @@ def test_report_renders_in_headless_chromium_with_working_players(ci_run, tmp_pa
     dom = subprocess.run(flags + ["--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert 'id="metrics-table"' in dom and 'id="listen-table"' in dom and 'id="utterances-r2"' in dom
     players = re.findall(r"<audio[^>]*>", dom)
-    n_listen = len(re.findall(r"<tr><td><b>", dom))
-    assert n_listen >= 1 and len(players) == n_listen * (3 + 3)  # golden, prompt, rounds 0..2
+    listened = re.findall(r"<tr><td><b>([^<]+)</b>", dom)
+    # per utterance: golden, prompt, and each round's output that was saved (an empty output has none)
+    outputs = sum((ci_run / f"round_{k:03d}" / "eval" / "audio" / f"{uid}.wav").exists()
+                  for uid in listened for k in range(3))
+    assert listened and outputs >= len(listened) and len(players) == 2 * len(listened) + outputs
     assert all('data-loaded="1"' in p for p in players), [p for p in players if 'data-loaded="1"' not in p]
     assert f"{len(players)} of {len(players)} audio players loaded" in dom
     shot = tmp_path / "shot.png"

@@ -78,8 +78,9 @@ def round_row(run: RunDir, k: int) -> dict | None:
     summary = json.loads(summary_path.read_text())
     row = {"round": k, "wer": summary["wer"], "sim": summary["sim"], "n_eval": summary["n"],
            "empty_outputs": summary.get("empty_outputs", 0), "mean_duration": summary.get("mean_duration")}
-    for key in ("dnsmos", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "utmos"):  # quality, when evaluated
-        if key in summary:
+    for key in ("dnsmos", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "utmos", "gap_auc", "gap_logp_margin",
+                "gap_logp_golden", "gap_logp_synthetic"):
+        if key in summary:  # optional: quality where scored, the gap where eval.gap_utterances > 0
             row[key] = summary[key]
     dpo_path = run.round_dir(k) / "dpo" / "metrics.json"
     if dpo_path.exists():
@@ -110,6 +111,10 @@ def write_metrics(run: RunDir) -> None:
             rows.append(row)
         k += 1
     write_jsonl(run.root / "metrics.jsonl", rows)
+    if rows:
+        from eval.table import write_table
+
+        write_table(run.root)  # utterances.parquet: every round's per-utterance rows, rebuilt like metrics.jsonl
 
 
 def run_base(cfg: RunConfig) -> Path:

@@ -177,7 +177,12 @@ class EvalConfig:
     top_k: int = field(default=50, metadata={"help": "top-k at evaluation"})
     top_p: float = field(default=1.0, metadata={"help": "top-p at evaluation"})
     batch_size: int = field(default=32, metadata={"help": "prompts per generate() call"})
-    save_audio: int = field(default=8, metadata={"help": "write this many synthesised wavs per round for listening"})
+    save_audio: int = field(default=8, metadata={
+        "help": "write the synthesised wavs of the first N evaluation utterances (the same N every round, "
+                "round_k/eval/audio/<id>.wav) for listening and the HTML report"})
+    gap_utterances: int = field(default=32, metadata={
+        "help": "held-out (dev + test) utterances of the golden-vs-synthetic gap analysis (eval/gap.py), a fixed "
+                "seeded subset sampled from every round's policy; 0 = off"})
 
     def __post_init__(self):
         if self.max_utterances < 0 or self.batch_size < 1:
@@ -195,6 +200,8 @@ class EvalConfig:
             raise ValueError("eval.quality=utmos needs eval.utmos_checkpoint (a TorchScript UTMOS file)")
         if self.prompt_min_seconds < 0:
             raise ValueError(f"eval.prompt_min_seconds={self.prompt_min_seconds} must be >= 0")
+        if self.save_audio < 0 or self.gap_utterances < 0:
+            raise ValueError("eval.save_audio >= 0 and eval.gap_utterances >= 0 are required (0 = off)")
 
     def asr_kwargs(self, device: str) -> dict:
         """Constructor arguments of the configured ASR backend."""
@@ -417,8 +424,21 @@ def eval_items(ctx: "Context", test=None):
     return out
 
 
+def gap_items(ctx: "Context") -> list[tuple]:
+    """The fixed gap-analysis set: a seeded subset of dev + test utterances with their prompts."""
+    pools = [ctx.splits.dev, ctx.splits.test]
+    pairs = [(u, pool) for pool in pools for u in pool]
+    chosen = _round_subset([u for u, _ in pairs], ctx.cfg.eval.gap_utterances, ctx.cfg.seed + 11)
+    pool_of = {u.id: pool for u, pool in pairs}
+    return [(u, ctx.prompt_for(u, pool_of[u.id])) for u in chosen]
+
+
 def evaluate(ctx: "Context", k: int) -> dict:
-    """Score round k's policy on the test split; rows to eval/rows.jsonl, means to eval/summary.json."""
+    """Score round k's policy on the test split; rows to eval/rows.jsonl, means to eval/summary.json.
+
+    Also the golden-vs-synthetic gap (eval/gap.py) on held-out texts -> eval/gap.json and gap_* keys
+    of the summary (so metrics.jsonl carries them per round).
+    """
     from align.run import write_jsonl
     from eval.asr import build_asr
     from eval.evaluate import evaluate_policy
@@ -439,13 +459,17 @@ def evaluate(ctx: "Context", k: int) -> dict:
         for name, src in sets:
             out = tmp / name if name else tmp
             out.mkdir(parents=True, exist_ok=True)
+            items = eval_items(ctx, None if src is None else load_any(src)[0])
             set_summary, rows = evaluate_policy(
-                policy, eval_items(ctx, None if src is None else load_any(src)[0]), **scorers,
+                policy, items, **scorers,
                 temperature=ecfg.temperature, top_k=ecfg.top_k, top_p=ecfg.top_p, seed=ctx.cfg.seed + 7,
                 batch_size=ecfg.batch_size, save_audio_dir=out / "audio", save_n=ecfg.save_audio,
                 max_seconds=ctx.cfg.data.max_seconds)
-            for r in rows:
-                r["round"] = k
+            # The item set is fixed, so the same first save_audio ids have audio every round (an empty
+            # output has none); the paths let the report play the golden and prompt recordings beside it.
+            for i, (r, it) in enumerate(zip(rows, items)):
+                r.update({"round": k, "item": i, "sample": 0, "audio": it.audio, "prompt_audio": it.prompt_audio,
+                          "saved_audio": f"audio/{it.id}.wav" if (out / "audio" / f"{it.id}.wav").exists() else None})
             write_jsonl(out / "rows.jsonl", rows)
             (out / "summary.json").write_text(json.dumps(set_summary, indent=2))
             if not name:
@@ -453,7 +477,21 @@ def evaluate(ctx: "Context", k: int) -> dict:
             else:
                 summary.setdefault("extra", {})[name] = {key: set_summary.get(key) for key in
                                                          ("wer", "sim", "dnsmos", "utmos", "n")}
+        if ecfg.gap_utterances:
+            from eval.gap import gap_analysis
+
+            chosen = gap_items(ctx)
+            t0 = time.time()
+            gap_summary, detail = gap_analysis(
+                policy, [u.text for u, _ in chosen], [ctx.codes(p) for _, p in chosen],
+                [ctx.codes(u)[0] for u, _ in chosen], [u.id for u, _ in chosen], temperature=ecfg.temperature,
+                top_k=ecfg.top_k, top_p=ecfg.top_p, seed=ctx.cfg.seed + 13, batch_size=ecfg.batch_size)
+            summary.update(gap_summary)
+            summary["seconds"]["gap"] = round(time.time() - t0, 2)
+            (tmp / "gap.json").write_text(json.dumps(detail))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("round %d eval: WER %.3f SIM %.3f %s(n=%d)", k, summary["wer"], summary["sim"],
-             "".join(f"{q} {summary[q]:.3f} " for q in ("dnsmos", "utmos") if summary.get(q) is not None), summary["n"])
+    log.info("round %d eval: WER %.3f SIM %.3f %s(n=%d)%s", k, summary["wer"], summary["sim"],
+             "".join(f"{q} {summary[q]:.3f} " for q in ("dnsmos", "utmos") if summary.get(q) is not None), summary["n"],
+             f"; gap AUC {summary['gap_auc']:.3f} log-p margin {summary['gap_logp_margin']:+.3f}"
+             if summary.get("gap_auc") is not None else "")
     return summary

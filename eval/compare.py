@@ -1,13 +1,29 @@
-"""Round comparison: one table of rounds (and runs) side by side from their ``metrics.jsonl``."""
+"""Round comparison: rounds (and runs) side by side, with bootstrap CIs, paired tests and plots.
+
+    cmp = build_comparison(["runs/tiny", "runs/tiny_beta02"], rounds=[0, 3])
+    paths = write_outputs(cmp, "runs/tiny/compare")   # .csv .md _tests.csv _wer.png _sim.png ...
+
+The per-round table reads each run's ``metrics.jsonl`` (training-side columns: reward accuracy and
+margin, DPO loss, wall seconds per stage) and adds, from the per-utterance rows (``eval.table``):
+``<m>_lo``/``<m>_hi`` (bootstrap CI) and ``<m>_p_prev``/``<m>_p_r0`` (paired-bootstrap p-value vs the
+previous listed round and vs round 0) for m in wer, sim (and dnsmos where scored). The long
+``tests`` table has every paired test with its delta, CI, bootstrap and Wilcoxon p-values.
+"""
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["run", "round", "method", "wer", "sim", "dnsmos", "utmos", "reward_accuracy", "reward_margin", "dpo_loss",
-           "pairs", "mean_token_distance", "grpo_reward", "n_eval", "empty_outputs"]
+log = logging.getLogger("speechalign.eval")
+
+COLUMNS = ["run", "round", "method", "wer", "sim", "reward_accuracy", "reward_margin", "dpo_loss", "pairs",
+           "mean_token_distance", "grpo_reward", "n_eval", "empty_outputs"]
+OPTIONAL = ["dnsmos", "utmos", "gap_auc", "gap_logp_margin"]
+STAT_METRICS = ["wer", "sim", "dnsmos"]
 
 
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
@@ -27,23 +43,125 @@ def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compare_runs(run_dirs: list[str | Path], rounds: list[int] | None = None) -> pd.DataFrame:
-    """Rounds of every run, sorted by (run, round); ``rounds`` keeps only those rounds."""
-    df = pd.concat([load_metrics(d) for d in run_dirs], ignore_index=True)
+@dataclass
+class Comparison:
+    """Everything ``compare`` and ``report`` show."""
+
+    table: pd.DataFrame       # one row per (run, round): metrics.jsonl columns + CIs + p-values
+    tests: pd.DataFrame       # paired tests (eval.stats.round_tests columns + vs_run)
+    utterances: pd.DataFrame  # per-utterance rows of every run and round (eval.table)
+    estimates: pd.DataFrame   # per (run, round) bootstrap estimates (eval.stats.round_estimates)
+    level: float
+    n_boot: int
+
+
+def build_comparison(run_dirs: list[str | Path], rounds: list[int] | None = None, *, n_boot: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> Comparison:
+    """Load runs, bootstrap every round's metrics and run the paired tests (see the module docstring)."""
+    from eval.stats import round_estimates, round_tests, run_tests
+    from eval.table import load_table
+
+    if not run_dirs:
+        raise ValueError("compare needs at least one run directory")
+    metrics = pd.concat([load_metrics(d) for d in run_dirs], ignore_index=True)
+    names = [Path(d).name for d in run_dirs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"runs {names} share a folder name; compare runs whose directories are named differently")
+    utts = pd.concat([load_table(d) for d in run_dirs], ignore_index=True)
     if rounds is not None:
-        df = df[df["round"].isin(rounds)]
-    cols = [c for c in COLUMNS if c in df.columns] + sorted(c for c in df.columns if c.startswith("sec_"))
-    return df[cols].sort_values(["run", "round"]).reset_index(drop=True)
+        missing = sorted(set(rounds) - set(metrics["round"]))
+        if missing:
+            raise ValueError(f"--rounds asks for round(s) {missing} that no run has evaluated; "
+                             f"available: {sorted(set(metrics['round']))}")
+        metrics = metrics[metrics["round"].isin(rounds)]
+    est = round_estimates(utts, STAT_METRICS, n_boot=n_boot, level=level, seed=seed)
+    if rounds is not None:
+        est = est[est["round"].isin(rounds)]
+    tests = round_tests(utts, STAT_METRICS, rounds, n_boot=n_boot, level=level, seed=seed)
+    tests = pd.concat([tests, run_tests(utts, names, STAT_METRICS, rounds, n_boot=n_boot, level=level, seed=seed)],
+                      ignore_index=True)
+
+    table = metrics.copy()
+    ci_cols = []
+    for m in STAT_METRICS:
+        if f"{m}_lo" not in est:
+            continue
+        table = table.merge(est[["run", "round", f"{m}_lo", f"{m}_hi"]], on=["run", "round"], how="left")
+        ci_cols += [f"{m}_lo", f"{m}_hi"]
+        for col, kind in ((f"{m}_p_prev", "prev"), (f"{m}_p_r0", "r0")):
+            t = tests[(tests["metric"] == m) & tests["kind"].str.split(",").apply(lambda ks, kind=kind: kind in ks)]
+            table = table.merge(t[["run", "round", "p_bootstrap"]].rename(columns={"p_bootstrap": col}),
+                                on=["run", "round"], how="left")
+            ci_cols.append(col)
+    cols = ([c for c in COLUMNS if c in table.columns] + [c for c in OPTIONAL if c in table.columns] + ci_cols
+            + sorted(c for c in table.columns if c.startswith("sec_")))
+    table = table[cols].sort_values(["run", "round"]).reset_index(drop=True)
+    return Comparison(table, tests, utts, est, level, n_boot)
+
+
+def compare_runs(run_dirs: list[str | Path], rounds: list[int] | None = None, **kw) -> pd.DataFrame:
+    """Rounds of every run, sorted by (run, round); ``rounds`` keeps only those rounds. See ``build_comparison``."""
+    return build_comparison(run_dirs, rounds, **kw).table
 
 
 def write_comparison(df: pd.DataFrame, out_prefix: str | Path) -> tuple[Path, Path]:
-    """Write ``<prefix>.csv`` and ``<prefix>.md``; returns both paths."""
+    """Write ``<prefix>.csv`` and ``<prefix>.md`` of one table; returns both paths."""
+    from align.io import atomic_write_text
+
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     csv, md = out_prefix.with_suffix(".csv"), out_prefix.with_suffix(".md")
-    df.to_csv(csv, index=False)
-    md.write_text(to_markdown(df) + "\n")
+    atomic_write_text(csv, df.to_csv(index=False))
+    atomic_write_text(md, to_markdown(df) + "\n")
     return csv, md
+
+
+def figures(cmp: Comparison, out_dir: Path, stem: str = "", gap: bool = True) -> list[tuple[Path, str]]:
+    """Draw the comparison's PNGs into ``out_dir`` (the gap-vs-round one when ``gap``); returns [(path, caption)]."""
+    from eval import plots
+
+    out = []
+    for m in STAT_METRICS:
+        if m in cmp.estimates and cmp.estimates[m].notna().any():
+            p = out_dir / f"{stem}{m}.png"
+            out.append((p, plots.metric_vs_round(cmp.estimates.dropna(subset=[m]), m, p, level=cmp.level,
+                                                 n_boot=cmp.n_boot)))
+    if gap and "gap_auc" in cmp.table and cmp.table["gap_auc"].notna().any():
+        p = out_dir / f"{stem}gap.png"
+        out.append((p, plots.gap_vs_round(cmp.table, p)))
+    for run, g in cmp.utterances.groupby("run", sort=True):
+        rounds = sorted(set(g["round"]) & set(cmp.table.loc[cmp.table["run"] == run, "round"]))
+        last = max(rounds) if rounds else 0
+        if 0 in set(g["round"]) and last > 0:
+            p = out_dir / f"{stem}wer_scatter_{run}_r0_r{last}.png"
+            out.append((p, plots.wer_scatter(cmp.utterances, run, last, p)))
+    return out
+
+
+def write_outputs(cmp: Comparison, out_prefix: str | Path) -> dict[str, Path]:
+    """``<prefix>.csv``/``.md`` (per-round table, then the tests and figures in the .md),
+    ``<prefix>_tests.csv`` and ``<prefix>_<figure>.png``; returns {name: path}."""
+    from align.io import atomic_write_text
+
+    out_prefix = Path(out_prefix)
+    csv, md = write_comparison(cmp.table, out_prefix)
+    tests_csv = out_prefix.with_name(out_prefix.name + "_tests.csv")
+    atomic_write_text(tests_csv, cmp.tests.to_csv(index=False))
+    figs = figures(cmp, out_prefix.parent, stem=out_prefix.name + "_")
+    lines = [to_markdown(cmp.table), "",
+             f"CIs: {cmp.level:.0%} percentile bootstrap over utterances ({cmp.n_boot} resamples, seeded); wer is "
+             "corpus WER (total errors / total reference words). p_prev / p_r0: two-sided paired-bootstrap p-value "
+             "of the difference to the previous listed round / round 0, paired on utterance id.", "",
+             "## Paired tests", "", to_markdown(cmp.tests), "",
+             "delta = metric(round of run) - metric(vs_round of vs_run) on the utterances both scored; delta_lo/hi: "
+             "its bootstrap CI; p_wilcoxon: Wilcoxon signed-rank on per-utterance values; better: significant at "
+             f"p < {1 - cmp.level:.2f} (bootstrap) and in the good direction (None = not significant).", ""]
+    if figs:
+        lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})\n\n{cap}\n" for p, cap in figs]
+    atomic_write_text(md, "\n".join(lines) + "\n")
+    out = {"csv": csv, "md": md, "tests": tests_csv}
+    out.update({p.stem: p for p, _ in figs})
+    return out
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -51,6 +169,8 @@ def to_markdown(df: pd.DataFrame) -> str:
     def fmt(v):
         if isinstance(v, float):
             return "" if pd.isna(v) else f"{v:.4g}"
+        if v is None:
+            return ""
         return str(v)
 
     head = "| " + " | ".join(df.columns) + " |"

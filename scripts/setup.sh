@@ -9,6 +9,11 @@ if ! command -v flite >/dev/null 2>&1 || ! ldconfig -p | grep -q libsndfile; the
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq flite libsndfile1 >/dev/null
 fi
+# chromium renders the HTML report headless in tests/test_evaltools.py (skipped where it is absent).
+if ! command -v chromium >/dev/null 2>&1; then
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 python -m pip install -q --upgrade pip
 # torch and torchaudio first, as the pinned pair (see setup.cfg for why).
 python -m pip install -q "torch==2.9.1" "torchaudio==2.9.1"

@@ -39,3 +39,16 @@ def ci_overrides(tmp_path_factory):
     """Config overrides that keep CI runs, their corpus and caches in one session temp folder."""
     root = tmp_path_factory.mktemp("ci_runs")
     return [f"out_dir={root}", f"cache_dir={root / '_cache'}", f"data.corpus_dir={root / '_corpus'}"]
+
+
+CI_CONFIG = REPO / "configs" / "ci.yaml"
+
+
+@pytest.fixture(scope="session")
+def ci_run(ci_overrides):
+    """The CI loop (configs/ci.yaml) run once per session; tests read its run directory."""
+    from align.config import load_config
+    from align.loop import run_loop
+
+    torch.set_num_threads(2)
+    return run_loop(load_config(CI_CONFIG, ci_overrides))

@@ -10,15 +10,7 @@ from align.loop import run_loop
 from align.run import read_jsonl
 from eval.compare import compare_runs
 
-from .conftest import REPO
-
-CI_CONFIG = REPO / "configs" / "ci.yaml"
-
-
-@pytest.fixture(scope="session")
-def ci_run(ci_overrides):
-    torch.set_num_threads(2)
-    return run_loop(load_config(CI_CONFIG, ci_overrides))
+from .conftest import CI_CONFIG
 
 
 def _rows(run_dir):

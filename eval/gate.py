@@ -1,0 +1,118 @@
+"""``speechalign gate``: fail a run whose final round is worse than a baseline by more than noise.
+
+    write_baseline("runs/ci", "ci_baseline.json")            # rows of the final round, once
+    result = run_gate("runs/ci_new", "ci_baseline.json", cfg.gate)
+    result.passed, result.message                             # one line either way
+
+For each gated metric (``GateConfig.metrics``), the run's final-round rows are paired with the
+baseline's on utterance id and the difference is bootstrapped (``eval.stats.paired_test``; an
+unpaired bootstrap when the two share no ids). Oriented so that positive = worse, the metric fails
+when the lower end of its CI is above the metric's tolerance: the regression is both real (outside
+the CI) and larger than what the config accepts. A rerun of the same config passes (delta 0).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from align.config import GATE_DIRECTIONS, GateConfig
+
+log = logging.getLogger("speechalign.eval")
+
+
+def final_round(run_dir: str | Path, round_: int | None = None) -> tuple[int, pd.DataFrame]:
+    """(round, its per-utterance table): the last evaluated round, or ``round_``."""
+    from eval.table import load_table
+
+    table = load_table(run_dir)
+    rounds = sorted(int(k) for k in table["round"].unique())
+    k = rounds[-1] if round_ is None else round_
+    if k not in rounds:
+        raise ValueError(f"{run_dir}: round {k} is not evaluated; evaluated rounds: {rounds}")
+    return k, table[table["round"] == k].reset_index(drop=True)
+
+
+def write_baseline(run_dir: str | Path, out: str | Path, round_: int | None = None) -> Path:
+    """Save a run's final-round rows (and means) as a gate baseline JSON; returns its path."""
+    from align.io import atomic_write_text
+    from eval.stats import METRICS, available, metric_arrays
+
+    k, rows = final_round(run_dir, round_)
+    means = {}
+    for m in METRICS:
+        if available(rows, m):
+            num, den = metric_arrays(rows, m)
+            means[m] = float(num.sum() / den.sum())
+    keep = ["id", "sample", "text", "hypothesis", "wer", "sim", "dnsmos", "duration", "ref_words", "errors"]
+    data = {"run": Path(run_dir).name, "round": k, "metrics": means,
+            "rows": json.loads(rows[keep].to_json(orient="records", double_precision=15))}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(data, indent=1) + "\n")
+    return out
+
+
+def load_baseline(path: str | Path) -> pd.DataFrame:
+    """Baseline rows from a ``write_baseline`` JSON, an eval rows.jsonl or a results table (its last round)."""
+    from eval.table import read_rows_file
+
+    df = read_rows_file(path)
+    if "round" in df.columns and df["round"].nunique() > 1:
+        df = df[df["round"] == df["round"].max()]
+    return df.reset_index(drop=True)
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    message: str                                   # one line, for the terminal and CI logs
+    checks: list[dict] = field(default_factory=list)  # per metric: delta, CI, tolerance, failed
+
+
+def run_gate(run_dir: str | Path, baseline: str | Path, cfg: GateConfig, round_: int | None = None) -> GateResult:
+    """Compare a run's final round (or ``round_``) against ``baseline``; see the module docstring."""
+    from eval.stats import available, metric_arrays, paired_test, unpaired_test
+
+    k, rows = final_round(run_dir, round_)
+    base = load_baseline(baseline)
+    merged = rows[["id", "sample"]].merge(base[["id", "sample"]], on=["id", "sample"])
+    paired = len(merged) > 0
+    if paired:
+        a = merged.merge(base, on=["id", "sample"], how="left")
+        b = merged.merge(rows, on=["id", "sample"], how="left")
+    else:
+        log.warning("gate: %s round %d shares no utterance ids with %s; comparing unpaired", run_dir, k, baseline)
+        a, b = base, rows
+    checks = []
+    for m in cfg.metrics:
+        if not (available(a, m) and available(b, m)):
+            if m == "dnsmos":
+                log.warning("gate: dnsmos missing from the run or the baseline rows; not gated")
+                continue
+            raise ValueError(f"gate: metric {m!r} is missing from the run's or the baseline's rows")
+        test = (paired_test if paired else unpaired_test)(*metric_arrays(a, m), *metric_arrays(b, m),
+                                                          n_boot=cfg.n_boot, level=cfg.confidence, seed=cfg.seed)
+        # orient: worse > 0 (WER up, SIM/DNSMOS down)
+        sign = -GATE_DIRECTIONS[m]
+        # round away float dust (and -0.0) so an identical rerun reads +0.0000
+        worse, lo, hi = (round(x, 12) + 0.0 for x in (sign * test.delta, *sorted((sign * test.lo, sign * test.hi))))
+        tol = cfg.tolerance(m)
+        checks.append({"metric": m, "worse_by": worse, "ci_lo": lo, "ci_hi": hi, "tolerance": tol, "n": test.n,
+                       "paired": paired, "failed": lo > tol})
+    where = f"{Path(run_dir).name} round {k} vs {Path(baseline).name}"
+    pairing = f"paired on {checks[0]['n']} utterances" if paired and checks else "unpaired"
+    failed = [c for c in checks if c["failed"]]
+    if failed:
+        c = max(failed, key=lambda c: c["ci_lo"] - c["tolerance"])
+        msg = (f"gate FAIL: {c['metric']} worse than baseline by {c['worse_by']:.4f} ({cfg.confidence:.0%} CI "
+               f"{c['ci_lo']:.4f}..{c['ci_hi']:.4f}, {pairing}) > tolerance {c['tolerance']:g} [{where}]")
+        if len(failed) > 1:
+            msg += f"; also {', '.join(x['metric'] for x in failed if x is not c)}"
+        return GateResult(False, msg, checks)
+    parts = ", ".join(f"{c['metric']} {c['worse_by']:+.4f} (CI {c['ci_lo']:+.4f}..{c['ci_hi']:+.4f}, tol {c['tolerance']:g})"
+                      for c in checks)
+    return GateResult(True, f"gate PASS: worse-by {parts}, {pairing} [{where}]", checks)

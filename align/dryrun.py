@@ -94,6 +94,11 @@ def _gb(n: float) -> str:
     return f"{n / GB:.1f} GB"
 
 
+def _count(n: float) -> str:
+    """A parameter count as people say it: '6.485 B', '1.3 M'."""
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.1f} M"
+
+
 # ---------------------------------------------------------------------------------------------
 # Path checks
 # ---------------------------------------------------------------------------------------------
@@ -220,25 +225,31 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
     frame_rate, n_q, codebook_size = _check_codec(plan, cfg)
 
     # -- policy -----------------------------------------------------------------------------------
-    size = AR_SIZES[cfg.policy.size]
-    vocab = len(SPECIAL_TOKENS) + len(TEXT_CHARS) + codebook_size
-    ar = llama_params(vocab_size=vocab, **size)
-    from models.nar import NARConfig
-
-    nar_cfg = NARConfig.named(cfg.policy.nar_size, n_q, codebook_size)
-    nar = nar_params(**{k: getattr(nar_cfg, k) for k in ("dim", "layers", "ffn", "n_q", "codebook_size",
-                                                          "max_frames")})
     prompt_frames = int(round(cfg.policy.prompt_seconds * frame_rate))
     speech_frames = int(round(cfg.policy.max_seconds * frame_rate))
     text_tokens = int(cfg.policy.max_seconds * 16)  # ~16 characters per second of read speech, '|' included
-    seq = min(prompt_frames + text_tokens + speech_frames + 4, cfg.dpo.max_length)
-    plan.lines.append(f"  policy: AR '{cfg.policy.size}' Llama {size['num_hidden_layers']} x {size['hidden_size']} "
-                      f"= {ar / 1e9:.3f} B params (vocab {vocab}); NAR '{cfg.policy.nar_size}' = {nar / 1e6:.1f} M")
+    if cfg.base.stage == "speechgpt":
+        size, vocab, ar, nar, overhead = _speechgpt_shape(plan, cfg, n_q, codebook_size)
+        prompt_frames = 0  # SpeechGPT's TTS instruction carries no voice prompt
+    else:
+        size = AR_SIZES[cfg.policy.size]
+        vocab = len(SPECIAL_TOKENS) + len(TEXT_CHARS) + codebook_size
+        ar = llama_params(vocab_size=vocab, **size)
+        from models.nar import NARConfig
+
+        nar_cfg = NARConfig.named(cfg.policy.nar_size, n_q, codebook_size)
+        nar = nar_params(**{k: getattr(nar_cfg, k) for k in ("dim", "layers", "ffn", "n_q", "codebook_size",
+                                                              "max_frames")})
+        overhead = 4
+        plan.lines.append(f"  policy: AR '{cfg.policy.size}' Llama {size['num_hidden_layers']} x "
+                          f"{size['hidden_size']} = {_count(ar)} params (vocab {vocab}); NAR "
+                          f"'{cfg.policy.nar_size}' = {nar / 1e6:.1f} M")
+    seq = min(prompt_frames + text_tokens + speech_frames + overhead, cfg.dpo.max_length)
     plan.lines.append(f"  sequence: <= {prompt_frames} prompt + ~{text_tokens} text + {speech_frames} speech tokens "
-                      f"-> {seq} (dpo.max_length {cfg.dpo.max_length})")
-    if prompt_frames + text_tokens + speech_frames + 4 > cfg.dpo.max_length:
-        plan.warnings.append(f"the longest sequence (~{prompt_frames + text_tokens + speech_frames + 4} tokens) "
-                             f"exceeds dpo.max_length={cfg.dpo.max_length}: long pairs are truncated in DPO")
+                      f"(+{overhead} format) -> {seq} (dpo.max_length {cfg.dpo.max_length})")
+    if prompt_frames + text_tokens + speech_frames + overhead > cfg.dpo.max_length:
+        plan.warnings.append(f"the longest sequence (~{prompt_frames + text_tokens + speech_frames + overhead} "
+                             f"tokens) exceeds dpo.max_length={cfg.dpo.max_length}: long pairs are truncated in DPO")
     if cfg.policy.pretrained:
         p = Path(cfg.policy.pretrained)
         need = ["config.json", "speechalign.json", "nar", "codec"]
@@ -261,7 +272,9 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
                          "use more GPUs (accelerate launch --num_processes N, ZeRO-3/FSDP), dpo.lora=true, "
                          "a smaller dpo.batch_size with more dpo.grad_accum, or a smaller policy.size")
 
-    if not cfg.policy.pretrained:
+    if not cfg.policy.pretrained and cfg.base.stage == "speechgpt":
+        _speechgpt_stages(cfg, size, ar, nar, stage)
+    elif not cfg.policy.pretrained:
         b = cfg.base.batch_size
         # mixed precision AdamW: 16-bit weights + grads, fp32 master + 2 moments = 16 bytes per parameter
         stage("base", 16 * (ar + nar), activation_bytes(size, b, seq),
@@ -286,7 +299,8 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
     spk_params = {"ecapa": 20.8e6, "wavlm": 94.7e6, "resemblyzer": 1.4e6}.get(e.speaker, 0)
     stage("evaluate", half * (ar + nar) + half * (asr_params + spk_params), 2 * size["num_hidden_layers"] *
           e.batch_size * seq * kv * half,
-          f"policy + {e.asr} ({asr_params / 1e9:.2f} B, whisper-large-v3 size) + {e.speaker} in 16-bit, KV cache")
+          f"policy + {e.asr}{' (1.55 B, whisper-large-v3 size)' if e.asr == 'whisper' else ''} + {e.speaker} "
+          "in 16-bit, KV cache")
 
     # -- tokens per round -----------------------------------------------------------------------------
     n_train = counts.get("train")
@@ -335,6 +349,89 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
             plan.missing(f"eval.quality={e.quality} needs speechmos + onnxruntime ({err})", "pip install speechmos "
                          "onnxruntime (setup.cfg lists them)")
     return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# SpeechGPT base (base.stage=speechgpt): the policy is the unit LM its three stages train
+# ---------------------------------------------------------------------------------------------
+def _speechgpt_shape(plan: Plan, cfg: RunConfig, n_q: int, codebook_size: int) -> tuple[dict, int, int, int, int]:
+    """(Llama shape, vocab, LM params, NAR params, format tokens per sequence) of the SpeechGPT policy.
+
+    The shape comes from ``base_model``'s config.json when that folder exists (a text file, not
+    weights), else from the named ``size``. A missing ``base_model`` / ``hubert_path`` is blocking;
+    a 7B trained from scratch (``base_model: null``) is a warning, since the published recipe
+    starts from LLaMA-7B.
+    """
+    import json
+
+    from models.nar import NARConfig
+    from models.speechgpt import _CHARS, FORMAT_TOKENS, SPEECHGPT_SIZES, TTS_INSTRUCTIONS
+
+    sg = cfg.base.speechgpt
+    n_units = codebook_size if sg.units == "codec_rvq1" else sg.n_units
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    size, vocab, source = dict(SPEECHGPT_SIZES[sg.size]), 2 + len(FORMAT_TOKENS) + len(_CHARS) + n_units, \
+        f"fresh '{sg.size}'"
+    if sg.base_model:
+        conf = Path(sg.base_model).expanduser() / "config.json"
+        if conf.is_file():
+            c = json.loads(conf.read_text())
+            size = {k: c.get(k, c.get("num_attention_heads") if k == "num_key_value_heads" else None) for k in keys}
+            if any(v is None for v in size.values()):
+                plan.missing(f"base.speechgpt.base_model={sg.base_model}: config.json is not a Llama-style config "
+                             f"(needs {', '.join(keys)})", "point base_model at a LLaMA-family transformers folder")
+                size = dict(SPEECHGPT_SIZES[sg.size])
+            vocab = int(c.get("vocab_size", 32000)) + n_units + len(FORMAT_TOKENS)
+            source = f"pretrained {sg.base_model}"
+        else:
+            plan.missing(f"base.speechgpt.base_model={sg.base_model}: no config.json there (a transformers "
+                         "causal-LM folder is needed)", "copy a LOCAL LLaMA-7B in transformers format there "
+                         "(e.g. huggingface-cli download huggyllama/llama-7b --local-dir DIR on a machine with "
+                         "network), or set base.speechgpt.base_model=null to train a fresh model")
+    elif sg.size == "7b":
+        plan.warnings.append("base.speechgpt.base_model is null: a fresh 7B Llama is trained from random weights "
+                             "(the published recipe starts from LLaMA-7B: set base.speechgpt.base_model to a local "
+                             "LLaMA-7B folder)")
+    if sg.units == "hubert":
+        if not sg.hubert_path or not (Path(sg.hubert_path).expanduser() / "config.json").is_file():
+            plan.missing(f"base.speechgpt.hubert_path={sg.hubert_path}: not a HubertModel folder",
+                         "copy a local mHuBERT/HuBERT transformers folder there (e.g. facebook/hubert-base-ls960), "
+                         "or use base.speechgpt.units=codec_rvq1")
+        plan.warnings.append("base.speechgpt.units=hubert: speech answers need a unit vocoder registered in "
+                             "models.speechgpt.UNIT_VOCODERS; the alignment rounds render codec units only")
+    ar = llama_params(vocab_size=vocab, **size)
+    nar = 0
+    if sg.units == "codec_rvq1" and n_q > 1:
+        nc = NARConfig.named(sg.nar_size, n_q, codebook_size)
+        nar = nar_params(**{k: getattr(nc, k) for k in ("dim", "layers", "ffn", "n_q", "codebook_size",
+                                                         "max_frames")})
+    # '[Human]: <instruction> This is input: ' ... '<eoh> [SpeechGPT]: <sosp>' ... '<eosp><eoa>', one char a token
+    overhead = max(len(t) for t in TTS_INSTRUCTIONS) + 40  # one token a character: a bound for subwords too
+    plan.lines.append(f"  policy: SpeechGPT {source} Llama {size['num_hidden_layers']} x {size['hidden_size']} = "
+                      f"{_count(ar)} params (vocab {vocab}: {n_units} {sg.units} units); unit renderer NAR "
+                      f"'{sg.nar_size}' = {nar / 1e6:.1f} M; round 0 = {sg.round0}")
+    return size, vocab, ar, nar, overhead
+
+
+def _speechgpt_stages(cfg: RunConfig, size: dict, lm: int, nar: int, stage) -> None:
+    """Memory of SpeechGPT's three training stages, through ``stage(name, sharded, per_gpu, detail)``."""
+    sg = cfg.base.speechgpt
+    act_bytes = 2 if sg.mixed_precision != "no" else 4
+
+    def acts(st) -> int:
+        full = activation_bytes(size, st.batch_size, st.max_length, act_bytes)
+        # checkpointing keeps each layer's input (s b h) and recomputes the rest in the backward pass
+        return full // 17 if sg.gradient_checkpointing else full
+
+    for name, st in (("stage1", sg.stage1), ("stage2", sg.stage2)):
+        stage(f"sg-{name}", 16 * lm, acts(st), f"full LM {_gb(16 * lm)} weights+grads+AdamW, activations for "
+              f"{st.batch_size} x {st.max_length}{' (checkpointed)' if sg.gradient_checkpointing else ''}")
+    trainable = lora_params(size, sg.lora_r, list(sg.lora_targets))
+    stage("sg-stage3", 2 * lm + 16 * trainable, acts(sg.stage3),
+          f"frozen 16-bit LM + LoRA r={sg.lora_r} ({trainable / 1e6:.1f} M trainable), activations for "
+          f"{sg.stage3.batch_size} x {sg.stage3.max_length}")
+    if nar:
+        stage("sg-nar", 16 * nar, 0, f"unit renderer NAR {nar / 1e6:.1f} M")
 
 
 def _visible_gpu_gb() -> float | None:

@@ -82,6 +82,8 @@ def round_row(run: RunDir, k: int) -> dict | None:
                 "gap_logp_golden", "gap_logp_synthetic"):
         if key in summary:  # optional: quality where scored, the gap where eval.gap_utterances > 0
             row[key] = summary[key]
+    if summary.get("extra"):  # eval.extra_sets: {set name: {wer, sim, dnsmos, utmos, n}} per round
+        row["extra"] = summary["extra"]
     dpo_path = run.round_dir(k) / "dpo" / "metrics.json"
     if dpo_path.exists():
         d = json.loads(dpo_path.read_text())["summary"]

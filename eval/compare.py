@@ -38,6 +38,8 @@ def load_metrics(run_dir: str | Path) -> pd.DataFrame:
         row = json.loads(line)
         for stage, sec in (row.pop("seconds", None) or {}).items():
             row[f"sec_{stage}"] = sec
+        for name, means in (row.pop("extra", None) or {}).items():  # eval.extra_sets: wer[VCTK-Corpus-0.92], ...
+            row.update({f"{m}[{name}]": v for m, v in means.items() if v is not None})
         row["run"] = Path(run_dir).name
         rows.append(row)
     return pd.DataFrame(rows)
@@ -94,6 +96,7 @@ def build_comparison(run_dirs: list[str | Path], rounds: list[int] | None = None
                                 on=["run", "round"], how="left")
             ci_cols.append(col)
     cols = ([c for c in COLUMNS if c in table.columns] + [c for c in OPTIONAL if c in table.columns] + ci_cols
+            + sorted(c for c in table.columns if c.endswith("]") and "[" in c)
             + sorted(c for c in table.columns if c.startswith("sec_")))
     table = table[cols].sort_values(["run", "round"]).reset_index(drop=True)
     return Comparison(table, tests, utts, est, level, n_boot)

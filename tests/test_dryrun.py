@@ -77,3 +77,43 @@ def test_parameter_arithmetic_matches_the_models():
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     assert lora_params(size, 4, ["q_proj", "v_proj"]) == trainable
+
+
+def test_speechgpt_7b_plan_is_the_unit_lm_and_its_three_stages(no_weights):
+    cfg = load_config(REPO_CONFIGS / "speechgpt-7b.yaml")
+    plan = build_plan(cfg, gpus=8, gpu_gb=80)
+    text = plan.render()
+    # LLaMA-7B shape over 1000 units + format tokens + characters, not the loop's default 'tiny' AR
+    assert "SpeechGPT fresh '7b' Llama 32 x 4096" in text and "1000 codec_rvq1 units" in text
+    for stage in ("sg-stage1", "sg-stage2", "sg-stage3", "sample", "dpo", "evaluate"):
+        assert f"  {stage}" in text, stage
+    assert "LoRA r=8" in text
+    assert plan.ok and any("base_model is null" in w for w in plan.warnings)
+    # one GPU cannot hold full 7B training (~97 GB of weights, grads and AdamW states)
+    one = build_plan(cfg, gpus=1, gpu_gb=80)
+    assert any("stage sg-stage2" in what for what, _ in one.problems)
+
+
+def test_speechgpt_base_model_and_hubert_paths_are_checked(no_weights, tmp_path):
+    import json
+
+    from transformers import LlamaConfig
+
+    missing = build_plan(load_config(REPO_CONFIGS / "speechgpt-7b.yaml", [
+        f"base.speechgpt.base_model={tmp_path / 'nowhere'}", "base.speechgpt.units=hubert",
+        f"base.speechgpt.hubert_path={tmp_path / 'nohubert'}"]), gpus=8, gpu_gb=80)
+    whats = " ".join(what for what, _ in missing.problems)
+    assert "base.speechgpt.base_model=" in whats and "base.speechgpt.hubert_path=" in whats
+    assert any("LLaMA-7B" in fix for _, fix in missing.problems)
+
+    # a local folder's config.json (text, not weights) sets the shape and the vocabulary
+    folder = tmp_path / "llama"
+    LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=500).save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["vocab_size"] == 500
+    plan = build_plan(load_config(REPO_CONFIGS / "speechgpt-7b.yaml", [f"base.speechgpt.base_model={folder}"]),
+                      gpus=1, gpu_gb=80)
+    assert plan.ok, plan.render()
+    expected = llama_params(96, 192, 3, 4, 2, vocab_size=500 + 1000 + 9)
+    assert any(f"Llama 3 x 96" in line and f"{expected / 1e6:.1f} M params" in line for line in plan.lines), \
+        plan.render()

@@ -113,7 +113,8 @@ def test_compare_command_writes_tables(ci_run, tmp_path):
 
     assert main(["compare", str(ci_run), "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp.csv").exists()
-    assert "| run | round | wer | sim |" in (tmp_path / "cmp.md").read_text()
+    header = (tmp_path / "cmp.md").read_text().splitlines()[0].split(" | ")
+    assert header[:2] == ["| run", "round"] and {"wer", "sim"} <= set(header)
 
 
 def test_prepare_command_builds_corpus_without_a_run_dir(ci_run, ci_overrides, caplog):
@@ -123,3 +124,39 @@ def test_prepare_command_builds_corpus_without_a_run_dir(ci_run, ci_overrides, c
     assert main(args) == 0
     assert "corpus ready" in caplog.text
     assert not (load_config(CI_CONFIG, ci_overrides + ["name=prepare_only"]).run_dir).exists()
+
+
+def test_extra_eval_set_in_vctk_layout_is_evaluated_every_round(ci_run, ci_overrides, real_speech_dir, tmp_path):
+    """eval.extra_sets: a VCTK-0.92 folder (built from the real recordings) is evaluated beside the test split,
+    its rows under round_k/eval/<folder name>/ and its means under metrics.jsonl's 'extra'."""
+    import json
+
+    import soundfile as sf
+
+    from align.config import load_config
+    from align.loop import run_loop
+
+    root = tmp_path / "VCTK-Corpus-0.92"
+    rows = [json.loads(line) for line in (real_speech_dir / "manifest.jsonl").read_text().splitlines()]
+    rows = [r for spk in ("spk1", "spk2") for r in [r for r in rows if r["speaker"] == spk][:3]]
+    for r in rows:
+        spk, n = f"p{r['speaker'][-1]}00", r["id"].split("snt")[-1]
+        (root / "txt" / spk).mkdir(parents=True, exist_ok=True)
+        (root / "wav48_silence_trimmed" / spk).mkdir(parents=True, exist_ok=True)
+        (root / "txt" / spk / f"{spk}_00{n}.txt").write_text(r["text"].capitalize() + ".\n")
+        wav, sr = sf.read(real_speech_dir / r["audio"])
+        sf.write(root / "wav48_silence_trimmed" / spk / f"{spk}_00{n}_mic1.flac", wav, sr)
+    cfg = load_config(CI_CONFIG, ci_overrides + [
+        "name=ci_extra_vctk", "rounds=0", f"policy.pretrained={ci_run / 'round_000' / 'policy'}",
+        f"eval.extra_sets=[{root}]", "eval.gap_utterances=0", "eval.save_audio=0"])
+    run_dir = run_loop(cfg)
+    extra = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["extra"]["VCTK-Corpus-0.92"]
+    assert extra["n"] == len(rows) and 0 <= extra["sim"] <= 1 and extra["wer"] >= 0
+    got = [json.loads(line) for line in (run_dir / "round_000" / "eval" / "VCTK-Corpus-0.92" / "rows.jsonl")
+           .read_text().splitlines()]
+    assert sorted(g["id"] for g in got) == sorted(f"p{r['speaker'][-1]}00_00{r['id'].split('snt')[-1]}" for r in rows)
+    from align.cli import main
+
+    assert main(["compare", str(run_dir), "--out", str(tmp_path / "cmp")]) == 0
+    df = __import__("pandas").read_csv(tmp_path / "cmp.csv")
+    assert df["n[VCTK-Corpus-0.92]"].tolist() == [len(rows)] and df["wer[VCTK-Corpus-0.92]"].notna().all()

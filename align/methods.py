@@ -77,6 +77,9 @@ class TrainConfig:
         "help": "dpo | sft_control (continue-SFT on golden tokens) | reward_bon (reward model + Best-of-N) | "
                 "grpo (RL via trl.GRPOTrainer) | coh (Chain-of-Hindsight)"})
     best_of_n: int = field(default=4, metadata={"help": "reward_bon: samples drawn per returned sample"})
+    best_of_n_length_band: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata={
+        "help": "reward_bon: only samples whose length is within [lo, hi] x the text's expected length may win "
+                "(the closest when none is); [0, 1e9] turns the guard off"})
     coh_rejected: bool = field(default=True, metadata={
         "help": "coh: also train on <bad>-hinted rejected sequences (false: only <good>-hinted chosen)"})
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -87,6 +90,10 @@ class TrainConfig:
             raise ValueError(f"train.method={self.method!r} unknown; choose one of {sorted(METHODS)}")
         if self.best_of_n < 1:
             raise ValueError(f"train.best_of_n={self.best_of_n} must be >= 1")
+        band = self.best_of_n_length_band
+        if len(band) != 2 or not 0 <= band[0] <= 1 <= band[1]:
+            raise ValueError(f"train.best_of_n_length_band={band}: give [lo, hi] with 0 <= lo <= 1 <= hi, "
+                             "e.g. [0.5, 2.0]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +241,7 @@ def reward_bon(ctx: "Context", k: int) -> dict:
     policy = Policy.load(ctx.run.policy_dir(k - 1), device="cpu")
     policy.reranker = None  # a fresh reward model replaces last round's
     rm, stats = _train_rm(ctx, k, policy, pairs)
-    policy.reranker = BestOfN(rm, ctx.cfg.train.best_of_n)
+    policy.reranker = BestOfN(rm, ctx.cfg.train.best_of_n, tuple(ctx.cfg.train.best_of_n_length_band))
     policy.save(ctx.run.policy_dir(k))
     summary = _summary("reward_bon", loss=stats["rm_loss"], reward_accuracy=stats["rm_accuracy"],
                        reward_margin=stats["rm_margin"], pairs=len(pairs), best_of_n=ctx.cfg.train.best_of_n, **stats)

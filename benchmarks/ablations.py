@@ -38,6 +38,14 @@ def finished(cfg) -> bool:
     return path.exists() and {r["round"] for r in read_jsonl(path)} >= set(range(cfg.rounds + 1))
 
 
+def round_seconds(cfg) -> float:
+    """Stage seconds of rounds >= 1 (state.json): what the method cost, whichever invocation ran it."""
+    import json
+
+    done = json.loads((cfg.run_dir / "state.json").read_text())["done"]
+    return sum(v["seconds"] for k, stages in done.items() if int(k) >= 1 for v in stages.values())
+
+
 def share_round0(base_dir: Path, run_dir: Path) -> None:
     """Start a new run from the shared base's round 0 (policy and its evaluation), marked done.
 
@@ -80,11 +88,13 @@ def main() -> None:
         share_round0(base_cfg.run_dir, cfg.run_dir)
         if finished(cfg):
             log.info("%s: finished earlier, skipped", cfg.name)
-            notes.append(f"- `{Path(p).name}`: finished earlier (reused)")
+            notes.append(f"- `{Path(p).name}` ({cfg.train.method}): {round_seconds(cfg):.0f} s in rounds >= 1 "
+                         "(finished by an earlier invocation)")
         else:
             try:
                 run_loop(cfg)
-                notes.append(f"- `{Path(p).name}` ({cfg.train.method}): {time.time() - t0:.0f} s")
+                notes.append(f"- `{Path(p).name}` ({cfg.train.method}): {round_seconds(cfg):.0f} s in rounds >= 1, "
+                             f"{time.time() - t0:.0f} s wall")
             except Exception as e:  # one broken method must not cost the whole table; the note says why
                 log.exception("%s failed", cfg.name)
                 notes.append(f"- `{Path(p).name}` ({cfg.train.method}): FAILED: {type(e).__name__}: {e}")
@@ -107,9 +117,11 @@ def write_table(args, run_dirs: list[Path], notes: list[str], total: float, pend
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, wall {total / 60:.1f} min for this "
           "invocation. Every run starts from the same round-0 policy and its evaluation (`abl_base`, copied); configs in "
           "`configs/ablations/`. WER: pocketsphinx corpus WER on the 6-utterance test subset; SIM: resemblyzer "
-          "cosine to a real recording of the target speaker. At this scale (CI-size corpus and base model, "
-          "6 test utterances, a few steps) differences between methods are within noise: the table shows "
-          "that every method runs end to end and what it costs, not which method wins.", "",
+          "cosine to a real recording of the target speaker; `*_lo`/`*_hi`: bootstrap 95% CI, `*_p_r0`: paired "
+          "bootstrap p-value against round 0. At this scale (CI-size corpus and base model, 6 test utterances, "
+          "a few steps per round) the base policy babbles (WER > 1) and most differences are within noise: the "
+          "table shows that every method runs end to end, round by round, and what it costs; read a method's "
+          "effect only where its p-value says so.", "",
           "`dpo_loss` is each method's training loss (DPO, SFT, reward-model or GRPO loss, see `method`); "
           "`reward_accuracy`/`reward_margin`: DPO implicit-reward or reward-model pair accuracy/margin.", "",
           to_markdown(df), "", "Runs:", *notes] + ([f"- {pending} config(s) not run yet"] if pending else []) + [""]

@@ -359,7 +359,10 @@ class Policy:
         if self.reranker is not None:
             many = self._sample(texts, prompts, n=n * self.reranker.n, temperature=temperature, top_k=top_k,
                                 top_p=top_p, batch_size=batch_size, seed=seed, progress=progress)
-            return self.reranker.pick([self.conditioning(p, t) for t, p in zip(texts, prompts)], many, keep=n)
+            fpc = float(self.meta.get("frames_per_char", 4.0))
+            expected = [fpc * text_length(t, self.text_frontend) for t in texts]
+            return self.reranker.pick([self.conditioning(p, t) for t, p in zip(texts, prompts)], many, keep=n,
+                                      expected_frames=expected)
         return self._sample(texts, prompts, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
                             batch_size=batch_size, seed=seed, progress=progress)
 

@@ -151,33 +151,53 @@ class BestOfN:
 
     Attached to a ``Policy`` as ``policy.reranker`` (saved in ``policy/reward_model/``), it makes every
     ``generate`` call, evaluation and next round's sampling included, return reranked samples.
+
+    Only candidates whose length is within ``length_band`` x the text's expected length may win
+    (the closest one to it when none is): a reward model trained on golden-vs-babble pairs learns
+    that short is safe, and unguarded Best-of-N then returns near-empty speech (measured in
+    benchmarks/results/ablations.md: round 2 outputs of 0.25 s for 2.5 s sentences).
     """
 
     reward_model: RewardModel
     n: int = 4
+    length_band: tuple[float, float] = (0.5, 2.0)
 
     def save(self, path: Path) -> None:
         import json
 
         self.reward_model.save(path)
-        (Path(path) / "best_of_n.json").write_text(json.dumps({"n": self.n}))
+        (Path(path) / "best_of_n.json").write_text(json.dumps({"n": self.n, "length_band": list(self.length_band)}))
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu") -> "BestOfN":
         import json
 
-        n = json.loads((Path(path) / "best_of_n.json").read_text())["n"]
-        return cls(RewardModel.load(path, device), n)
+        meta = json.loads((Path(path) / "best_of_n.json").read_text())
+        # a reranker saved before the band existed ranked unguarded: keep its behaviour
+        band = tuple(meta.get("length_band", (0.0, float("inf"))))
+        return cls(RewardModel.load(path, device), meta["n"], band)
 
-    def pick(self, prompts: list[str], candidates: list[list[torch.Tensor]], keep: int) -> list[list[torch.Tensor]]:
-        """candidates: B lists of n*keep code tensors [T] -> B lists of ``keep`` best (disjoint groups of n)."""
+    def pick(self, prompts: list[str], candidates: list[list[torch.Tensor]], keep: int,
+             expected_frames: list[float] | None = None) -> list[list[torch.Tensor]]:
+        """candidates: B lists of n*keep code tensors [T] -> B lists of ``keep`` best (disjoint groups of n).
+
+        expected_frames: B expected lengths (frames) for the length band; None = no band.
+        """
         flat_p = [p for p, c in zip(prompts, candidates) for _ in c]
         flat_c = [x for c in candidates for x in c]
         rewards = self.reward_model.score(flat_p, [x.tolist() for x in flat_c])
+        lo, hi = self.length_band
         out, i = [], 0
-        for c in candidates:
+        for b, c in enumerate(candidates):
             r = rewards[i: i + len(c)]
             i += len(c)
-            groups = [list(range(g * self.n, (g + 1) * self.n)) for g in range(keep)]
-            out.append([c[max(g, key=lambda j: float(r[j]))] for g in groups])
+            picked = []
+            for g in range(keep):
+                group = list(range(g * self.n, (g + 1) * self.n))
+                if expected_frames is not None:
+                    e = expected_frames[b]
+                    group = ([j for j in group if lo * e <= c[j].numel() <= hi * e] or
+                             [min(group, key=lambda j: abs(c[j].numel() - e))])
+                picked.append(c[max(group, key=lambda j: float(r[j]))])
+            out.append(picked)
         return out

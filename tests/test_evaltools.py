@@ -14,7 +14,7 @@ from align.run import read_jsonl, write_jsonl
 from eval import stats
 from eval.table import rows_frame, write_table
 
-from .conftest import CI_CONFIG
+from .conftest import CI_CONFIG, REPO
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +248,21 @@ def test_gate_passes_the_same_run_and_fails_a_planted_regression(ci_run, tmp_pat
     # a rows.jsonl works as a baseline too (here round 2 against itself)
     assert main(["gate", str(ci_run), "--baseline", str(ci_run / "round_002" / "eval" / "rows.jsonl")]) == 0
     assert main(["gate", str(ci_run), "--baseline", str(tmp_path / "missing.json")]) == 2
+
+
+def test_ci_loop_passes_the_committed_gate_baseline(ci_run, tmp_path, capsys):
+    """What CI gates: this session's run of configs/ci.yaml (a rerun of the one that wrote
+    configs/ci_baseline.json, on another machine or commit) passes; a planted regression of it fails.
+    Refresh the baseline on purpose with `speechalign gate runs/ci --write-baseline configs/ci_baseline.json`."""
+    from align.cli import main
+
+    baseline = REPO / "configs" / "ci_baseline.json"
+    assert main(["gate", str(ci_run), "--baseline", str(baseline)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("gate PASS") and "paired on 6 utterances" in line, line
+    bad = _planted_regression(ci_run, tmp_path / "regressed")
+    assert main(["gate", str(bad), "--baseline", str(baseline)]) == 1
+    assert capsys.readouterr().out.startswith("gate FAIL: wer worse than baseline")
 
 
 def test_gate_config_rejects_bad_values():

@@ -106,7 +106,35 @@ def test_reward_bon_attaches_a_reranker(tmp_path):
     many = policy._sample(["a cat"], prompts[:1], n=6, temperature=1.0, top_k=0, top_p=1.0, batch_size=16, seed=0,
                           progress=False)[0]
     r = policy.reranker.reward_model.score([policy.conditioning(prompts[0], "a cat")] * 6, [m.tolist() for m in many])
-    assert torch.equal(out[0][0], many[int(r[:3].argmax())]) and torch.equal(out[0][1], many[3 + int(r[3:].argmax())])
+    from models.codec_lm import text_length
+
+    e = policy.meta["frames_per_char"] * text_length("a cat", policy.text_frontend)
+    lo, hi = policy.reranker.length_band
+    for g in range(2):
+        group = [j for j in range(3 * g, 3 * g + 3) if lo * e <= many[j].numel() <= hi * e] or \
+            [min(range(3 * g, 3 * g + 3), key=lambda j: abs(many[j].numel() - e))]
+        assert torch.equal(out[0][g], many[max(group, key=lambda j: float(r[j]))])
+
+
+def test_best_of_n_length_band_stops_a_short_loving_reward_model():
+    """A reward model that prefers short outputs (what golden-vs-babble pairs teach) must not win Best-of-N
+    with near-empty speech: only candidates within the band of the expected length are eligible."""
+    from models.reward import BestOfN
+
+    class ShortLover:
+        def score(self, prompts, codes):
+            return torch.tensor([-float(len(c)) for c in codes])
+
+    cands = [[torch.zeros(n, dtype=torch.long) for n in (2, 40, 55, 90)]]
+    bon = BestOfN(ShortLover(), n=4)
+    assert bon.pick(["p"], cands, keep=1)[0][0].numel() == 2  # no expected length: unguarded
+    assert bon.pick(["p"], cands, keep=1, expected_frames=[50.0])[0][0].numel() == 40  # shortest in [25, 100]
+    # nothing in the band: the closest to the expected length
+    assert bon.pick(["p"], cands, keep=1, expected_frames=[400.0])[0][0].numel() == 90
+    with pytest.raises(ValueError, match="best_of_n_length_band"):
+        from align.methods import TrainConfig
+
+        TrainConfig(best_of_n_length_band=[1.5, 2.0])
 
 
 def test_grpo_takes_a_step_with_a_direct_reward(tmp_path, monkeypatch):

@@ -258,12 +258,13 @@ def sft_features(tokenizer, ex: SFTExample, max_length: int) -> tuple[list[int],
     return ids, labels
 
 
-def pack_blocks(sequences: list[list[int]], block: int) -> list[list[int]]:
-    """Concatenate token sequences and cut the stream into ``block``-token blocks (stage 1).
+def pack_blocks(sequences: list[list[int]], block: int, sep: int | None = None) -> list[list[int]]:
+    """Concatenate token sequences (each followed by ``sep`` when given: ``<eos>``, the document
+    separator) and cut the stream into ``block``-token blocks (stage 1).
 
     The last partial block is dropped unless the stream is shorter than one block.
     """
-    stream = [t for s in sequences for t in s]
+    stream = [t for s in sequences for t in (s + [sep] if sep is not None else s)]
     if len(stream) < block:
         return [stream]
     return [stream[i: i + block] for i in range(0, len(stream) - block + 1, block)]
@@ -445,7 +446,7 @@ def speechgpt_base(ctx: "Context", out_dir: Path) -> dict:
     from accelerate import Accelerator
 
     from align.data import Utterance
-    from models.speechgpt import build_lm, build_tokenizer, load_base_lm, units_str
+    from models.speechgpt import EOS, build_lm, build_tokenizer, load_base_lm, units_str
 
     cfg, sg = ctx.cfg, ctx.cfg.base.speechgpt
     if sg.units == "hubert" and cfg.rounds > 0:
@@ -469,7 +470,7 @@ def speechgpt_base(ctx: "Context", out_dir: Path) -> dict:
     if sg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     seqs = [tok(units_str(x), add_special_tokens=False)["input_ids"] for _, x in utt_units]
-    blocks = [(b, b) for b in pack_blocks(seqs, sg.stage1.max_length)]
+    blocks = [(b, b) for b in pack_blocks(seqs, sg.stage1.max_length, sep=tok.convert_tokens_to_ids(EOS))]
     stats = {"units": extractor.identity, "n_units": n_units, "examples": {"stage1_blocks": len(blocks)}}
     stats["stage1"] = train_stage("stage1", model, tok, blocks, sg.stage1, work / "stage1", accelerator=acc,
                                   seed=cfg.seed + 1)

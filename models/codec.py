@@ -190,8 +190,17 @@ class MelRVQCodec:
             self._check_codes(codes)
             return np.zeros(codes.shape[1] * self.cfg.hop_length, dtype=np.float32)
         mel = torch.exp(self.dequantize(codes)).T  # [n_mels, T]
-        linear = self._invert_mel(mel)  # [n_freq, T]
-        with torch.no_grad():
+        return self._phase(self._invert_mel(mel))
+
+    def _phase(self, linear: torch.Tensor) -> np.ndarray:
+        """linear magnitudes [n_freq, T] -> wav float32, by Griffin-Lim from a seeded random phase.
+
+        torchaudio draws the initial phase from the global RNG: unseeded, the same codes would decode
+        to different audio (and WER) on every call. A private fixed seed makes decoding a function of
+        the codes alone and leaves the caller's RNG stream untouched.
+        """
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             wav = self._griffin_lim(linear)
         return wav.numpy().astype(np.float32)
 
@@ -234,9 +243,7 @@ class MelRVQCodec:
         # stay finite, so cap it at that bound (sum over levels of each level's largest entry).
         ceiling = float(self.codebooks.amax(dim=1).sum(0).max())
         mel = torch.exp(latent.clamp(max=ceiling)).T  # [n_mels, T]
-        with torch.no_grad():
-            wav = self._griffin_lim(self._invert_mel(mel))
-        return wav.numpy().astype(np.float32)
+        return self._phase(self._invert_mel(mel))
 
     def _check_codes(self, codes: torch.Tensor) -> None:
         if codes.ndim != 2 or codes.shape[0] > self.n_q:

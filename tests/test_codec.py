@@ -28,6 +28,10 @@ def test_mel_rvq_shapes_and_save_load(real_wavs, tmp_path):
     assert codec.frame_rate == 16000 / 256
     out = codec.decode(codes)
     assert out.dtype == np.float32 and abs(len(out) - len(wav)) <= cfg.hop_length
+    # decoding is a function of the codes: the same audio whatever the global RNG, which it leaves alone
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    assert np.array_equal(codec.decode(codes), out) and torch.equal(torch.get_rng_state(), state)
     codec.save(tmp_path / "c")
     again = load_codec(tmp_path / "c")
     assert again.identity == codec.identity and torch.equal(again.encode(wav), codes)

@@ -109,6 +109,8 @@ def test_loss_is_masked_up_to_the_end_of_the_system_prefix():
 
 def test_pack_blocks():
     assert pack_blocks([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4) == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    # with the <eos> document separator after every sequence
+    assert pack_blocks([[1, 2, 3], [4, 5], [6, 7]], 4, sep=0) == [[1, 2, 3, 0], [4, 5, 0, 6]]
     assert pack_blocks([[1, 2]], 4) == [[1, 2]]
 
 

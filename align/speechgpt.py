@@ -455,6 +455,7 @@ def speechgpt_base(ctx: "Context", out_dir: Path) -> dict:
                          "train SpeechGPT")
     work = out_dir.parent / "speechgpt"
     work.mkdir(parents=True, exist_ok=True)
+    _release_accelerate(sg.mixed_precision)
     acc = Accelerator(cpu=ctx.device == "cpu", mixed_precision=sg.mixed_precision)
     unit_fn, extractor = _utterance_units(ctx, sg, work)
     n_units = extractor.n_units
@@ -512,6 +513,21 @@ def speechgpt_base(ctx: "Context", out_dir: Path) -> dict:
     stats.update(_write_policy(ctx, sg, work, out_dir))
     _reset_accelerate()
     return stats
+
+
+def _release_accelerate(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state: a trainer that ran earlier in this process (a DPO round,
+    another base stage) fixed its precision, and a new ``Accelerator`` with another one would refuse to
+    start. Outside a multi-process launch that state is nobody's any more, so let it go."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not AcceleratorState._shared_state or PartialState().num_processes > 1:
+        return
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != mixed_precision:
+        log.info("accelerate state from earlier work in this process (mixed_precision=%s) released for "
+                 "mixed_precision=%s", current, mixed_precision)
+        _reset_accelerate()
 
 
 def _reset_accelerate() -> None:

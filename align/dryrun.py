@@ -75,6 +75,14 @@ def nar_params(dim: int, layers: int, ffn: int, n_q: int, codebook_size: int, ma
     return embeds + layers * per_layer + 2 * dim + (n_q - 1) * (dim * codebook_size + codebook_size)
 
 
+def _nar_count(nar_size: str, n_q: int, codebook_size: int) -> int:
+    """``nar_params`` of the named NAR size for this codec shape."""
+    from models.nar import NARConfig
+
+    c = NARConfig.named(nar_size, n_q, codebook_size)
+    return nar_params(c.dim, c.layers, c.ffn, n_q, codebook_size, c.max_frames)
+
+
 def lora_params(size: dict, r: int, targets: list[str]) -> int:
     """Trainable LoRA parameters: r * (in + out) per wrapped Linear per layer."""
     h, i = size["hidden_size"], size["intermediate_size"]
@@ -213,7 +221,7 @@ def _check_codec(plan: Plan, cfg: RunConfig) -> tuple[float, int, int]:
 # ---------------------------------------------------------------------------------------------
 def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Plan:
     """Check ``cfg`` and estimate its cost; nothing is loaded or written."""
-    from models.codec_lm import AR_SIZES, SPECIAL_TOKENS, TEXT_CHARS
+    from models.codec_lm import AR_SIZES, build_tokenizer
 
     plan = Plan()
     if gpu_gb is None:
@@ -233,13 +241,9 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
         prompt_frames = 0  # SpeechGPT's TTS instruction carries no voice prompt
     else:
         size = AR_SIZES[cfg.policy.size]
-        vocab = len(SPECIAL_TOKENS) + len(TEXT_CHARS) + codebook_size
+        vocab = len(build_tokenizer(codebook_size))  # the policy's own vocabulary: specials, text, phones, codes
         ar = llama_params(vocab_size=vocab, **size)
-        from models.nar import NARConfig
-
-        nar_cfg = NARConfig.named(cfg.policy.nar_size, n_q, codebook_size)
-        nar = nar_params(**{k: getattr(nar_cfg, k) for k in ("dim", "layers", "ffn", "n_q", "codebook_size",
-                                                              "max_frames")})
+        nar = _nar_count(cfg.policy.nar_size, n_q, codebook_size)
         overhead = 4
         plan.lines.append(f"  policy: AR '{cfg.policy.size}' Llama {size['num_hidden_layers']} x "
                           f"{size['hidden_size']} = {_count(ar)} params (vocab {vocab}); NAR "
@@ -364,14 +368,12 @@ def _speechgpt_shape(plan: Plan, cfg: RunConfig, n_q: int, codebook_size: int) -
     """
     import json
 
-    from models.nar import NARConfig
-    from models.speechgpt import _CHARS, FORMAT_TOKENS, SPEECHGPT_SIZES, TTS_INSTRUCTIONS
+    from models.speechgpt import FORMAT_TOKENS, SPEECHGPT_SIZES, TTS_INSTRUCTIONS, build_tokenizer
 
     sg = cfg.base.speechgpt
     n_units = codebook_size if sg.units == "codec_rvq1" else sg.n_units
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-    size, vocab, source = dict(SPEECHGPT_SIZES[sg.size]), 2 + len(FORMAT_TOKENS) + len(_CHARS) + n_units, \
-        f"fresh '{sg.size}'"
+    size, vocab, source = dict(SPEECHGPT_SIZES[sg.size]), len(build_tokenizer(n_units)), f"fresh '{sg.size}'"
     if sg.base_model:
         conf = Path(sg.base_model).expanduser() / "config.json"
         if conf.is_file():
@@ -400,11 +402,7 @@ def _speechgpt_shape(plan: Plan, cfg: RunConfig, n_q: int, codebook_size: int) -
         plan.warnings.append("base.speechgpt.units=hubert: speech answers need a unit vocoder registered in "
                              "models.speechgpt.UNIT_VOCODERS; the alignment rounds render codec units only")
     ar = llama_params(vocab_size=vocab, **size)
-    nar = 0
-    if sg.units == "codec_rvq1" and n_q > 1:
-        nc = NARConfig.named(sg.nar_size, n_q, codebook_size)
-        nar = nar_params(**{k: getattr(nc, k) for k in ("dim", "layers", "ffn", "n_q", "codebook_size",
-                                                         "max_frames")})
+    nar = _nar_count(sg.nar_size, n_q, codebook_size) if sg.units == "codec_rvq1" and n_q > 1 else 0
     # '[Human]: <instruction> This is input: ' ... '<eoh> [SpeechGPT]: <sosp>' ... '<eosp><eoa>', one char a token
     overhead = max(len(t) for t in TTS_INSTRUCTIONS) + 40  # one token a character: a bound for subwords too
     plan.lines.append(f"  policy: SpeechGPT {source} Llama {size['num_hidden_layers']} x {size['hidden_size']} = "

@@ -42,12 +42,9 @@ NFES = (2, 4, 8, 16)
 
 
 def score(wavs, texts, refs, codec, asr, speaker) -> dict:
-    from align.audio import resample
-    from eval.asr import corpus_wer
+    from eval.evaluate import score_wavs
 
-    hyps = asr.transcribe([resample(w, codec.sample_rate, asr.sample_rate) for w in wavs])
-    sims = speaker.similarity([resample(w, codec.sample_rate, speaker.sample_rate) for w in wavs], refs)
-    return {"wer": round(corpus_wer(texts, hyps), 4), "sim": round(float(np.mean(sims)), 4)}
+    return score_wavs(wavs, codec.sample_rate, texts, refs, asr=asr, speaker=speaker)[0]
 
 
 def latent_mse(latents, golden, codec) -> float:

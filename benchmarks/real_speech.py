@@ -47,7 +47,9 @@ def speaker_separation(name: str, encoder, wavs: list[np.ndarray], speakers: lis
 
 
 def main() -> None:
-    from align.audio import load_audio
+    import soundfile as sf
+
+    from align.audio import load_audio, resample
     from align.data import load_manifest
     from eval.asr import PocketSphinxASR, corpus_wer, utterance_wer
     from eval.quality import DNSMOS
@@ -64,7 +66,7 @@ def main() -> None:
     utts, skips = load_manifest(args.manifest)
     if skips:
         log.warning("%d manifest rows skipped: %s", len(skips), [s.id for s in skips])
-    rates = sorted({__import__("soundfile").info(u.audio).samplerate for u in utts})
+    rates = sorted({sf.info(u.audio).samplerate for u in utts})
     wavs = [load_audio(u.audio, 16000) for u in utts]
     t0 = time.time()
     hyps = PocketSphinxASR().transcribe(wavs)
@@ -89,8 +91,6 @@ def main() -> None:
     separation = []
     for name, kw in encoders:
         enc = build_speaker_encoder(name, **kw)
-        from align.audio import resample
-
         separation.append(speaker_separation(name, enc, [resample(w, 16000, enc.sample_rate) for w in wavs], speakers))
 
     machine = {"python": platform.python_version(), "cpus": os.cpu_count()}

@@ -34,16 +34,13 @@ from eval.compare import compare_runs, to_markdown  # noqa: E402
 log = logging.getLogger("speechalign.bench")
 
 
-def score(wav: np.ndarray, sr: int, text: str, reference: str) -> dict:
-    from align.audio import load_audio, resample
-    from eval.asr import PocketSphinxASR, utterance_wer
-    from eval.speaker import ResemblyzerSpeaker
+def score(wav: np.ndarray, sr: int, text: str, reference: str, asr, speaker) -> dict:
+    from align.audio import load_audio
+    from eval.evaluate import score_wavs
 
-    asr, spk = PocketSphinxASR(), ResemblyzerSpeaker()
-    hyp = asr.transcribe([resample(wav, sr, asr.sample_rate)])[0]
-    sim = spk.similarity([resample(wav, sr, spk.sample_rate)], [load_audio(reference, spk.sample_rate)])[0]
-    return {"text": text, "hypothesis": hyp, "wer": round(utterance_wer(text, hyp), 4), "sim": round(float(sim), 4),
-            "seconds_audio": round(len(wav) / sr, 2)}
+    means, hyps, _ = score_wavs([wav], sr, [text], [load_audio(reference, speaker.sample_rate)], asr=asr,
+                                speaker=speaker)
+    return {"text": text, "hypothesis": hyps[0], **means, "seconds_audio": round(len(wav) / sr, 2)}
 
 
 def main() -> None:
@@ -72,17 +69,21 @@ def main() -> None:
     out_dir.mkdir(exist_ok=True)
 
     t0 = time.time()
-    tts = synthesize_tts(policy, target.text, prompt.audio, out_dir / "tts.wav", seed=cfg.seed)
+    synthesize_tts(policy, target.text, prompt.audio, out_dir / "tts.wav", seed=cfg.seed)
     tts_s = time.time() - t0
     t0 = time.time()
-    vc = convert_voice(policy, source.audio, prompt.audio, out_dir / "vc.wav")
+    convert_voice(policy, source.audio, prompt.audio, out_dir / "vc.wav")
     vc_s = time.time() - t0
-    sr = ctx.codec.sample_rate
+    from eval.asr import PocketSphinxASR
+    from eval.speaker import ResemblyzerSpeaker
+
+    sr, asr, spk = ctx.codec.sample_rate, PocketSphinxASR(), ResemblyzerSpeaker()
     results = {
-        "tts": {"prompt": prompt.id, **score(load_audio(out_dir / "tts.wav", sr), sr, target.text, target.audio),
+        "tts": {"prompt": prompt.id, **score(load_audio(out_dir / "tts.wav", sr), sr, target.text, target.audio,
+                                             asr, spk),
                 "wall_seconds": round(tts_s, 2)},
         "vc": {"source": source.id, "prompt": prompt.id,
-               **score(load_audio(out_dir / "vc.wav", sr), sr, source.text, target.audio),
+               **score(load_audio(out_dir / "vc.wav", sr), sr, source.text, target.audio, asr, spk),
                "wall_seconds": round(vc_s, 2)},
     }
     df = compare_runs([run_dir])

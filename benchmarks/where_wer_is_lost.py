@@ -17,6 +17,7 @@ Train vs test tells memorisation from generalisation. Writes ``benchmarks/result
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -34,13 +35,12 @@ log = logging.getLogger("speechalign.bench")
 
 
 def main() -> None:
-    import yaml
-
     from align.audio import load_audio, resample
     from align.config import load_config
     from align.run import Context
     from align.stages import _round_subset
-    from eval.asr import PocketSphinxASR, corpus_wer
+    from eval.asr import PocketSphinxASR
+    from eval.evaluate import score_wavs
     from eval.speaker import ResemblyzerSpeaker
     from models.codec_lm import Policy
 
@@ -74,20 +74,14 @@ def main() -> None:
             "codec": [codec.decode(c) for c in golden],
             "rvq1_only": [codec.decode_latent(codec.semantic_latent(c[:1])) for c in golden],
             "golden_rvq1_rendered": [policy.render(c[0], p) for c, p in zip(golden, prompts)],
-            "ar_rendered": [policy.render(s, p) if s.numel() else np.zeros(1, np.float32)
-                            for s, p in zip(samples, prompts)],
+            "ar_rendered": [policy.render(s, p) for s, p in zip(samples, prompts)],  # empty stays empty
             "ar_rvq1_only": [codec.decode_latent(codec.semantic_latent(s[None])) if s.numel()
-                             else np.zeros(1, np.float32) for s in samples],
+                             else np.zeros(0, np.float32) for s in samples],
         }
         texts = [u.text for u in utts]
+        spk_refs = [resample(r, sr, spk.sample_rate) for r in refs]
         for name, wavs in ways.items():
-            # an empty or 2-frame output said nothing: score 0.1 s of silence rather than crash the ASR
-            wavs = [w if len(w) >= sr // 10 else np.pad(w, (0, sr // 10 - len(w))) for w in wavs]
-            hyps = asr.transcribe([resample(w, sr, asr.sample_rate) for w in wavs])
-            sims = spk.similarity([resample(w, sr, spk.sample_rate) for w in wavs],
-                                  [resample(r, sr, spk.sample_rate) for r in refs])
-            results.setdefault(name, {})[split] = {"wer": round(corpus_wer(texts, hyps), 4),
-                                                   "sim": round(float(np.mean(sims)), 4)}
+            results.setdefault(name, {})[split] = score_wavs(wavs, sr, texts, spk_refs, asr=asr, speaker=spk)[0]
             log.info("%s %s: %s", split, name, results[name][split])
         results.setdefault("_frames", {})[split] = {
             "golden_mean": round(float(np.mean([c.shape[1] for c in golden])), 1),
@@ -95,7 +89,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"run": str(run), "round": args.round, "n_per_split": args.n, "seconds": round(time.time() - t0, 1),
-            "policy": yaml.safe_load((run / "config.yaml").read_text())["policy"]}
+            "policy": dataclasses.asdict(cfg.policy)}
     out.with_suffix(".json").write_text(json.dumps({"results": results, "meta": meta}, indent=1) + "\n")
     md = ["# Where WER is lost", "",
           f"`python benchmarks/where_wer_is_lost.py --run {args.run} --round {args.round} --n {args.n}` "

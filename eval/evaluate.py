@@ -101,6 +101,21 @@ def evaluate_policy(policy, items: list[EvalItem], *, asr, speaker, temperature:
     return summary, rows
 
 
+def score_wavs(wavs: list[np.ndarray], sample_rate: int, texts: list[str], refs: list[np.ndarray], *, asr,
+               speaker) -> tuple[dict, list[str], np.ndarray]:
+    """WER and SIM of ready waveforms (benchmarks that render audio their own way).
+
+    wavs: B float32 [n] at ``sample_rate`` (empty = said nothing); refs: B real recordings at
+    ``speaker.sample_rate``. Returns ({wer: corpus WER, sim: mean SIM}, B hypotheses, B SIMs).
+    """
+    from eval.asr import corpus_wer
+
+    hyps = asr.transcribe([resample(w, sample_rate, asr.sample_rate) if len(w) else w for w in wavs])
+    sims = np.asarray(speaker.similarity([resample(w, sample_rate, speaker.sample_rate) if len(w) else w
+                                          for w in wavs], refs))
+    return {"wer": round(corpus_wer(texts, hyps), 4), "sim": round(float(sims.mean()), 4)}, hyps, sims
+
+
 def evaluate_manifest(policy_dir: str, manifest: str, out: str, *, asr_name: str = "pocketsphinx",
                       speaker_name: str = "resemblyzer", temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0,
                       seed: int = 0, batch_size: int = 16, device: str = "cpu", quality_name: str = "dnsmos_p808",

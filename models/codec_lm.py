@@ -359,12 +359,15 @@ class Policy:
         if self.reranker is not None:
             many = self._sample(texts, prompts, n=n * self.reranker.n, temperature=temperature, top_k=top_k,
                                 top_p=top_p, batch_size=batch_size, seed=seed, progress=progress)
-            fpc = float(self.meta.get("frames_per_char", 4.0))
-            expected = [fpc * text_length(t, self.text_frontend) for t in texts]
             return self.reranker.pick([self.conditioning(p, t) for t, p in zip(texts, prompts)], many, keep=n,
-                                      expected_frames=expected)
+                                      expected_frames=[self.expected_frames(t) for t in texts])
         return self._sample(texts, prompts, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
                             batch_size=batch_size, seed=seed, progress=progress)
+
+    def expected_frames(self, text: str) -> float:
+        """Frames a golden utterance of ``text`` takes on average: text tokens x the training data's
+        frames per token (``frames_per_char``)."""
+        return float(self.meta.get("frames_per_char", 4.0)) * text_length(text, self.text_frontend)
 
     def _sample(self, texts, prompts, *, n, temperature, top_k, top_p, batch_size, seed, progress):
         from tqdm import tqdm
@@ -378,8 +381,6 @@ class Policy:
         allowed = torch.tensor(tok.convert_tokens_to_ids(fmt.speech_tokens(K)) + stop_ids)
         processor = _AllowOnly(allowed, len(tok))
         max_frames = int(self.meta.get("max_seconds", 6.0) * self.codec.frame_rate)
-        fpc = float(self.meta.get("frames_per_char", 4.0))  # frames per text token
-        frontend = self.text_frontend
         results: list[list[torch.LongTensor]] = []
         order = range(0, len(texts), batch_size)
         for start in tqdm(order, desc="sampling", disable=not progress, leave=False):
@@ -388,8 +389,7 @@ class Policy:
             enc = tok(strs, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             # Cap length by the text: 2.5x the training data's frames per character, so a policy that
             # never emits <eos> cannot stall a round on max_seconds of babble.
-            longest = max(text_length(t, frontend) for t in batch_texts)
-            max_new = int(min(max_frames, 2.5 * fpc * longest + 10))
+            max_new = int(min(max_frames, 2.5 * max(self.expected_frames(t) for t in batch_texts) + 10))
             torch.manual_seed(seed + start)
             from transformers import LogitsProcessorList
 

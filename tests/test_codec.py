@@ -69,3 +69,41 @@ def test_mel_rvq_decodes_a_too_short_output_as_silence():
         assert out.shape == (t * 256,) and not out.any()
     assert codec.decode(torch.zeros(2, 0, dtype=torch.long)).shape == (0,)
     assert len(codec.decode(torch.zeros(2, 10, dtype=torch.long))) > 0
+
+
+def test_mel_rvq_band_levels_partition_the_mel_axis(real_wavs, tmp_path):
+    from models.codec import level_bands
+
+    cfg = CodecConfig(n_q=6, full_levels=2, codebook_size=16, n_mels=40, fit_max_frames=3000)
+    assert level_bands(cfg) == [(0, 40), (0, 40), (0, 10), (10, 20), (20, 30), (30, 40)]
+    codec = MelRVQCodec.fit(cfg, real_wavs)
+    for q, (lo, hi) in enumerate(codec.bands):  # a band level's entries are zero outside its band
+        book = codec.codebooks[q]
+        assert book[:, lo:hi].abs().sum() > 0 and book[:, :lo].abs().sum() == 0 and book[:, hi:].abs().sum() == 0
+    feats = codec.features(real_wavs[1])
+    codes = codec.quantize(feats)
+    errs = [float(((codec.dequantize(codes[:q]) - feats) ** 2).mean()) for q in range(1, 7)]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    codec.save(tmp_path / "c")
+    assert torch.equal(load_codec(tmp_path / "c").encode(real_wavs[1]), codec.encode(real_wavs[1]))
+    # codebooks and a config that disagree on the bands are refused, not silently misread
+    with pytest.raises(ValueError, match="full_levels"):
+        MelRVQCodec(CodecConfig(n_q=6, full_levels=1, codebook_size=16, n_mels=40), codec.codebooks)
+    with pytest.raises(ValueError, match="band codebooks"):
+        CodecConfig(n_q=50, full_levels=4, n_mels=40)
+
+
+def test_mel_consistent_griffin_lim_holds_the_decoded_mel(real_wavs):
+    """After the warm-up the decoder only holds the mel projection; the audio it makes must then match
+    the decoded mel better than plain Griffin-Lim towards the smooth inverted magnitudes does."""
+    books = torch.zeros(1, 2, 128)
+    wav = real_wavs[0][:16000 * 2]
+    errors = {}
+    for warmup in (16, 64):  # 64 = griffin_lim_iters: plain Griffin-Lim
+        codec = MelRVQCodec(CodecConfig(n_q=1, codebook_size=2, n_mels=128, griffin_lim_warmup=warmup), books)
+        target = codec.features(wav)
+        out = codec._phase(codec._invert_mel(torch.exp(target).T), torch.exp(target).T)
+        again = codec.features(out)[: len(target)]
+        speech = target > target.max() - 6.0  # compare where there is signal, not the -11.5 floor
+        errors[warmup] = float(((again - target)[speech] ** 2).mean())
+    assert errors[16] < 0.8 * errors[64], errors

@@ -83,7 +83,7 @@ class CodecConfig:
             raise ValueError(f"codec.n_q={self.n_q}, codec.codebook_size={self.codebook_size}: need n_q >= 1, size >= 2")
         if self.full_levels < 1:
             raise ValueError(f"codec.full_levels={self.full_levels}: at least the first codebook covers the whole frame")
-        if self.backend == "mel_rvq" and self.n_q > self.full_levels and self.n_q - self.full_levels > self.n_mels:
+        if self.backend == "mel_rvq" and self.n_q - self.full_levels > self.n_mels:
             raise ValueError(f"codec.n_q={self.n_q} leaves {self.n_q - self.full_levels} band codebooks for "
                              f"n_mels={self.n_mels} bands: raise full_levels or n_mels")
         if self.griffin_lim_iters < 1 or self.griffin_lim_warmup < 0:
@@ -143,6 +143,8 @@ class MelRVQCodec:
         # Least-squares inverse of the mel filterbank: [n_freq, n_mels]. (torch.linalg.lstsq on CPU
         # returns zeros for this under-determined system; the pseudo-inverse is right.)
         self._mel_inverse = torch.linalg.pinv(self._mel.mel_scale.fb.T)
+        fb = self._mel.mel_scale.fb.T  # [n_mels, n_freq]
+        self._bin_share = (fb / fb.sum(0, keepdim=True).clamp_min(1e-8)).T  # [n_freq, n_mels]: each bin's band weights
         self._window = torch.hann_window(cfg.n_fft)
         self.bands = level_bands(cfg)
         for q, (lo, hi) in enumerate(self.bands):
@@ -218,10 +220,10 @@ class MelRVQCodec:
             self._check_codes(codes)
             return np.zeros(codes.shape[1] * self.cfg.hop_length, dtype=np.float32)
         mel = torch.exp(self.dequantize(codes)).T  # [n_mels, T]
-        return self._phase(self._invert_mel(mel), mel)
+        return self._synthesise(mel)
 
-    def _phase(self, linear: torch.Tensor, mel: torch.Tensor | None = None) -> np.ndarray:
-        """linear magnitudes [n_freq, T] (+ the mel [n_mels, T] they came from) -> wav float32 [(T-1) * hop].
+    def _synthesise(self, mel: torch.Tensor) -> np.ndarray:
+        """mel magnitudes [n_mels, T] -> wav float32 [(T-1) * hop]: mel inversion, then Griffin-Lim.
 
         Fast Griffin-Lim (torchaudio's iteration, momentum 0.99) from a random phase drawn by a private
         seeded generator, so the same codes always decode to the same audio and the caller's RNG is
@@ -236,19 +238,18 @@ class MelRVQCodec:
         """
         cfg = self.cfg
         fb = self._mel.mel_scale.fb.T  # [n_mels, n_freq]
-        share = fb / fb.sum(0, keepdim=True).clamp_min(1e-8)  # each bin's weights over its bands
         momentum = 0.99
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            magnitude = linear
-            angles = torch.rand(linear.shape, generator=generator, dtype=torch.complex64)
+            magnitude = self._invert_mel(mel)  # [n_freq, T]
+            angles = torch.rand(magnitude.shape, generator=generator, dtype=torch.complex64)
             previous = torch.zeros_like(angles)
             for it in range(cfg.griffin_lim_iters):
                 wav = torch.istft(magnitude * angles, cfg.n_fft, cfg.hop_length, window=self._window)
                 rebuilt = torch.stft(wav, cfg.n_fft, cfg.hop_length, window=self._window, return_complex=True)
-                if mel is not None and it >= cfg.griffin_lim_warmup:
+                if it >= cfg.griffin_lim_warmup:
                     current = rebuilt.abs()
-                    magnitude = current * (share.T @ (mel / (fb @ current).clamp_min(1e-8)))
+                    magnitude = current * (self._bin_share @ (mel / (fb @ current).clamp_min(1e-8)))
                 angles = rebuilt - previous * (momentum / (1 + momentum))
                 angles = angles / (angles.abs() + 1e-16)
                 previous = rebuilt
@@ -294,7 +295,7 @@ class MelRVQCodec:
         # stay finite, so cap it at that bound (sum over levels of each level's largest entry).
         ceiling = float(self.codebooks.amax(dim=1).sum(0).max())
         mel = torch.exp(latent.clamp(max=ceiling)).T  # [n_mels, T]
-        return self._phase(self._invert_mel(mel), mel)
+        return self._synthesise(mel)
 
     def _check_codes(self, codes: torch.Tensor) -> None:
         if codes.ndim != 2 or codes.shape[0] > self.n_q:

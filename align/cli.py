@@ -52,7 +52,7 @@ def cmd_base(args) -> None:
 def cmd_chat(args) -> None:
     from pathlib import Path
 
-    from align.audio import load_audio, save_audio
+    from models.audio import load_audio, save_audio
     from models.codec_lm import Policy
     from models.speechgpt import chat, load_extractor
 
@@ -115,7 +115,7 @@ def cmd_report(args) -> None:
 def cmd_gate(args) -> int:
     from pathlib import Path
 
-    from align.config import GateConfig
+    from eval.gate import GateConfig
     from align.configutil import apply_overrides, from_dict, load_yaml
     from eval.gate import run_gate, write_baseline
 
@@ -138,17 +138,18 @@ def cmd_gate(args) -> int:
 
 def cmd_eval(args) -> None:
     from eval.evaluate import evaluate_manifest
+    from eval.scorers import EvalConfig
 
-    asr_kwargs = {"model_dir" if args.asr == "pocketsphinx" else "model": args.asr_model} if args.asr_model else {}
-    speaker_kwargs = {"model": args.speaker_model} if args.speaker_model else {}
-    result = evaluate_manifest(args.policy, args.manifest, args.out, asr_name=args.asr, speaker_name=args.speaker,
-                               temperature=args.temperature, seed=args.seed, device=args.device,
-                               quality_name=args.quality, asr_kwargs=asr_kwargs, speaker_kwargs=speaker_kwargs)
-    print(f"WER {result['wer']:.4f}  SIM {result['sim']:.4f}  n={result['n']}  -> {args.out}")
+    ecfg = EvalConfig(asr=args.asr, asr_model=args.asr_model, speaker=args.speaker, speaker_model=args.speaker_model,
+                      quality=args.quality, temperature=args.temperature, batch_size=args.batch_size)
+    result = evaluate_manifest(args.policy, args.manifest, args.out, ecfg=ecfg, seed=args.seed, device=args.device,
+                               max_seconds=args.max_seconds)
+    print(f"WER {result['wer']:.4f}  SIM {result['sim']:.4f}  n={result['n']}  skipped={len(result['skipped'])}  "
+          f"-> {args.out}")
 
 
 def cmd_tts(args) -> None:
-    from align.speechgpt_gen import synthesize_tts
+    from models.inference import synthesize_tts
 
     r = synthesize_tts(args.policy, args.text, args.prompt, args.out, temperature=args.temperature, top_k=args.top_k,
                        seed=args.seed, device=args.device)
@@ -156,7 +157,7 @@ def cmd_tts(args) -> None:
 
 
 def cmd_vc(args) -> None:
-    from align.speechgpt_gen import convert_voice
+    from models.inference import convert_voice
 
     r = convert_voice(args.policy, args.source, args.prompt, args.out, device=args.device)
     print(f"wrote {r['out']}: {r['seconds']:.2f} s from {r['frames']} source RVQ-1 frames")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run or resume the alignment loop of a config")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. dpo.beta=0.2")
-    p.add_argument("--only-stage", choices=["base", "sample", "pair", "dpo", "evaluate"],
+    p.add_argument("--only-stage", choices=["base", "sample", "pair", "train", "dpo", "evaluate"],
                    help="re-run only this stage in every round (replaces its output)")
     p.add_argument("--dry-run", action="store_true",
                    help="check paths, sizes, memory per stage and tokens per round without loading weights; "
@@ -246,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speaker", default="resemblyzer", help="resemblyzer, ecapa or wavlm")
     p.add_argument("--speaker-model", help="ecapa/wavlm: local folder (or cached hub id for wavlm)")
     p.add_argument("--quality", default="dnsmos_p808", help="dnsmos_p808, dnsmos or none")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="prompt and reference recordings longer than this are skipped (recorded in the output)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -269,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_vc)
+
+    from eval.listen_app import add_subparser  # `speechalign listen`: Flask is imported when it runs
+
+    add_subparser(sub)
 
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

@@ -86,6 +86,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def check_choice(value: Any, choices: Any, key: str) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` is one of the ``Literal`` type ``choices``.
+
+    Dataclasses built directly (not through ``from_dict``) call this from ``__post_init__``, so a
+    ``Literal`` field is checked however the config is made.
+    """
+    allowed = typing.get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} unknown; choose one of {sorted(allowed)}")
+
+
 def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys.
 

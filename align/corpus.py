@@ -25,100 +25,19 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from align.audio import is_silent_or_short, load_audio, save_audio
-from align.data import Utterance, atomic_write_text, write_manifest
+from align.config import CORPUS_IDENTITY_EXCLUDE, CorpusConfig
+from models.audio import is_silent_or_short, load_audio, save_audio
+from models.data import Utterance, write_manifest
+from models.io import atomic_write_text
 
 log = logging.getLogger("speechalign.corpus")
-
-# Voices Debian's flite ships. awb_time is left out: it is a limited-domain voice that only speaks
-# clock times. kal is 8 kHz (resampled like any other rate mismatch); the others are 16 kHz.
-FLITE_VOICES = ("slt", "awb", "rms", "kal16", "kal")
-
-# Fields that change what is on disk; `num_workers` only changes how fast it gets there.
-_IDENTITY_EXCLUDE = ("num_workers",)
-
-
-@dataclass
-class CorpusConfig:
-    """How to build the embedded flite corpus (see module docstring)."""
-
-    n_sentences: int = field(default=400, metadata={
-        "help": "distinct sentences in all, dev and test included; >= 300 for real runs, a handful for tests"})
-    n_dev_sentences: int = field(default=20, metadata={
-        "help": "sentences held out for dev (spoken by every voice), never seen in train"})
-    n_test_sentences: int = field(default=40, metadata={
-        "help": "sentences held out for test (spoken by every voice), never seen in train or dev"})
-    voices: list[str] = field(default_factory=lambda: ["slt", "awb", "rms", "kal16"], metadata={
-        "help": f"flite voices, one speaker each; available: {', '.join(FLITE_VOICES)}"})
-    voices_per_sentence: int = field(default=2, metadata={
-        "help": "voices that speak each train sentence (dev/test sentences get all voices); more = more "
-                "audio per sentence, fewer = more sentences per hour"})
-    sample_rate: int = field(default=16000, metadata={
-        "help": "sample rate of the written wavs in Hz; voices at another native rate are resampled"})
-    seed: int = field(default=0, metadata={"help": "seed for sentence generation and voice assignment"})
-    trim_silence: bool = field(default=True, metadata={
-        "help": "trim flite's ~0.2 s leading / ~0.1 s trailing silence, keeping 50 ms each side"})
-    num_workers: int = field(default=2, metadata={
-        "help": "flite processes run at once; does not change the output (not part of the corpus identity)"})
-
-    def __post_init__(self):
-        for key in ("n_sentences", "n_dev_sentences", "n_test_sentences", "voices_per_sentence",
-                    "sample_rate", "seed", "num_workers"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"corpus.{key}={value!r} must be an integer")
-        if self.n_dev_sentences < 1 or self.n_test_sentences < 1:
-            raise ValueError(
-                f"corpus.n_dev_sentences={self.n_dev_sentences} and corpus.n_test_sentences="
-                f"{self.n_test_sentences} must both be >= 1: empty dev/test manifests cannot be evaluated")
-        if self.n_sentences <= self.n_dev_sentences + self.n_test_sentences:
-            raise ValueError(
-                f"corpus.n_sentences={self.n_sentences} leaves no train sentence after "
-                f"{self.n_dev_sentences} dev + {self.n_test_sentences} test; raise n_sentences above "
-                f"{self.n_dev_sentences + self.n_test_sentences} (>= 300 for a real run)")
-        if isinstance(self.voices, str):
-            raise ValueError(f"corpus.voices={self.voices!r} must be a list of voice names, e.g. [slt, awb]")
-        self.voices = list(self.voices)
-        if not self.voices:
-            raise ValueError(f"corpus.voices is empty; pick from {', '.join(FLITE_VOICES)}")
-        unknown = [v for v in self.voices if v not in FLITE_VOICES]
-        if unknown:
-            raise ValueError(
-                f"corpus.voices has unknown voice(s) {', '.join(map(repr, unknown))}; available: "
-                f"{', '.join(FLITE_VOICES)}")
-        if len(set(self.voices)) != len(self.voices):
-            raise ValueError(f"corpus.voices={self.voices} repeats a voice; list each voice once")
-        if not 1 <= self.voices_per_sentence <= len(self.voices):
-            raise ValueError(
-                f"corpus.voices_per_sentence={self.voices_per_sentence} must be between 1 and the number "
-                f"of voices ({len(self.voices)})")
-        if not 8000 <= self.sample_rate <= 48000:
-            raise ValueError(f"corpus.sample_rate={self.sample_rate} must be between 8000 and 48000 Hz (16000 "
-                             "is what the codecs expect)")
-        if not isinstance(self.trim_silence, bool):
-            raise ValueError(f"corpus.trim_silence={self.trim_silence!r} must be true or false")
-        if self.num_workers < 1:
-            raise ValueError(f"corpus.num_workers={self.num_workers} must be >= 1")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CorpusConfig":
-        """Build from a YAML mapping; unknown keys raise ValueError listing the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown corpus key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        return cls(**d)
-
-    def identity(self) -> dict:
-        """The fields that decide what the corpus holds (compared to reuse a finished build)."""
-        return {k: v for k, v in asdict(self).items() if k not in _IDENTITY_EXCLUDE}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +192,7 @@ def trim_silence(wav: np.ndarray, sample_rate: int, keep_s: float = _TRIM_KEEP_S
     return wav[start:end]
 
 
-def _check_flite() -> str:
+def check_flite() -> str:
     exe = shutil.which("flite")
     if exe is None:
         raise RuntimeError("`flite` is not installed or not on PATH; the embedded corpus needs it: "
@@ -287,7 +206,7 @@ def _installed_voices(exe: str) -> set[str]:
     return set(out.split(":", 1)[-1].split())
 
 
-def _synthesise(exe: str, voice: str, text: str, out_path: Path, sample_rate: int, trim: bool) -> None:
+def synthesise(exe: str, voice: str, text: str, out_path: Path, sample_rate: int, trim: bool) -> None:
     """Speak `text` with `voice` into `out_path` (16-bit WAV at `sample_rate`), atomically."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, raw = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.stem}.", suffix=".flite.wav")
@@ -317,7 +236,7 @@ def _check_voices(exe: str, cfg: CorpusConfig) -> None:
                            "install the full Debian flite package or drop them from corpus.voices")
     with tempfile.TemporaryDirectory() as tmp:
         for v in cfg.voices:
-            _synthesise(exe, v, "hello there", Path(tmp) / f"{v}.wav", cfg.sample_rate, cfg.trim_silence)
+            synthesise(exe, v, "hello there", Path(tmp) / f"{v}.wav", cfg.sample_rate, cfg.trim_silence)
 
 
 def _plan(cfg: CorpusConfig) -> dict[str, list[tuple[str, str, str]]]:
@@ -359,7 +278,7 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
     for marker in (paths["corpus"], pending):
         if marker.is_file():
             stored = json.loads(marker.read_text(encoding="utf-8")).get("config", {})
-            stored = {k: v for k, v in stored.items() if k not in _IDENTITY_EXCLUDE}
+            stored = {k: v for k, v in stored.items() if k not in CORPUS_IDENTITY_EXCLUDE}
             if stored != identity:
                 diff = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
                 raise ValueError(
@@ -369,7 +288,7 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
         log.info("corpus at %s is already prepared", out_dir)
         return paths
 
-    exe = _check_flite()
+    exe = check_flite()
     _check_voices(exe, cfg)
     # Recorded before any wav is written, so a resumed run with a changed config is refused above
     # instead of mixing wavs from two configs.
@@ -389,7 +308,7 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
     # Threads, not processes: the work happens in the flite subprocess (and in numpy/libsndfile,
     # which release the GIL), and forking a parent that may hold torch state is asking for trouble.
     with ThreadPoolExecutor(max_workers=cfg.num_workers) as pool:
-        futures = {pool.submit(_synthesise, exe, v, text, wav_path(uid, v), cfg.sample_rate, cfg.trim_silence): uid
+        futures = {pool.submit(synthesise, exe, v, text, wav_path(uid, v), cfg.sample_rate, cfg.trim_silence): uid
                    for uid, v, text in todo}
         try:
             for fut in tqdm(as_completed(futures), total=len(futures), desc="flite corpus", unit="utt",

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.config import RunConfig
+from models.codec import prompt_frames
 
 GB = 1024 ** 3
 
@@ -149,7 +150,7 @@ def _check_data(plan: Plan, cfg: RunConfig) -> dict:
             plan.missing("the flite binary (the embedded corpus is spoken by it)", "apt-get install flite "
                          "(scripts/setup.sh does it)")
         return {"train": n}
-    from align.data import load_any
+    from models.data import load_any
 
     for split in ("train", "dev", "test"):
         src = getattr(cfg.data, split)
@@ -171,6 +172,16 @@ def _check_data(plan: Plan, cfg: RunConfig) -> dict:
     return counts
 
 
+def _random_weights_problem(plan: Plan, c) -> None:
+    """codec.checkpoint unset: a problem (exit 2) unless the config allows random weights on purpose."""
+    if c.allow_random_weights:
+        plan.warnings.append(f"codec.checkpoint is unset: {c.backend} runs with RANDOM weights "
+                             "(codec.allow_random_weights=true); its figures mean nothing")
+    else:
+        plan.missing(f"codec.checkpoint is unset: {c.backend} would run with RANDOM weights",
+                     "set codec.checkpoint to the released weights (or codec.allow_random_weights=true for a test)")
+
+
 def _check_codec(plan: Plan, cfg: RunConfig) -> tuple[float, int, int]:
     """Codec files exist; returns (frame_rate, n_q, codebook_size) from the config / config.json."""
     import json
@@ -186,7 +197,7 @@ def _check_codec(plan: Plan, cfg: RunConfig) -> tuple[float, int, int]:
         n_q = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}[c.bandwidth]
         plan.lines.append(f"  codec: encodec_24khz at {c.bandwidth:g} kbps: {n_q} x 1024 at 75 Hz")
         if c.checkpoint is None:
-            plan.warnings.append("codec.checkpoint is unset: encodec would run with RANDOM weights")
+            _random_weights_problem(plan, c)
         else:
             try:
                 path = encodec_checkpoint_path(c.checkpoint)
@@ -209,7 +220,7 @@ def _check_codec(plan: Plan, cfg: RunConfig) -> tuple[float, int, int]:
                      "download fnlp/SpeechTokenizer's speechtokenizer_hubert_avg/config.json and "
                      "SpeechTokenizer.pt on a machine with network; copy both there")
     if c.checkpoint is None:
-        plan.warnings.append("codec.checkpoint is unset: speechtokenizer would run with RANDOM weights")
+        _random_weights_problem(plan, c)
     elif not Path(c.checkpoint).is_file():
         plan.missing(f"codec.checkpoint={c.checkpoint} (SpeechTokenizer weights) does not exist",
                      "copy speechtokenizer_hubert_avg/SpeechTokenizer.pt from fnlp/SpeechTokenizer there")
@@ -221,7 +232,8 @@ def _check_codec(plan: Plan, cfg: RunConfig) -> tuple[float, int, int]:
 # ---------------------------------------------------------------------------------------------
 def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Plan:
     """Check ``cfg`` and estimate its cost; nothing is loaded or written."""
-    from models.codec_lm import AR_SIZES, build_tokenizer
+    from models.codec_lm import AR_SIZES
+    from models.layout import build_tokenizer
 
     plan = Plan()
     if gpu_gb is None:
@@ -233,12 +245,12 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
     frame_rate, n_q, codebook_size = _check_codec(plan, cfg)
 
     # -- policy -----------------------------------------------------------------------------------
-    prompt_frames = int(round(cfg.policy.prompt_seconds * frame_rate))
+    n_prompt_frames = prompt_frames(cfg.policy.prompt_seconds, frame_rate)
     speech_frames = int(round(cfg.policy.max_seconds * frame_rate))
     text_tokens = int(cfg.policy.max_seconds * 16)  # ~16 characters per second of read speech, '|' included
     if cfg.base.stage == "speechgpt":
         size, vocab, ar, nar, overhead = _speechgpt_shape(plan, cfg, n_q, codebook_size)
-        prompt_frames = 0  # SpeechGPT's TTS instruction carries no voice prompt
+        n_prompt_frames = 0  # SpeechGPT's TTS instruction carries no voice prompt
     else:
         size = AR_SIZES[cfg.policy.size]
         vocab = len(build_tokenizer(codebook_size))  # the policy's own vocabulary: specials, text, phones, codes
@@ -248,11 +260,11 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
         plan.lines.append(f"  policy: AR '{cfg.policy.size}' Llama {size['num_hidden_layers']} x "
                           f"{size['hidden_size']} = {_count(ar)} params (vocab {vocab}); NAR "
                           f"'{cfg.policy.nar_size}' = {nar / 1e6:.1f} M")
-    seq = min(prompt_frames + text_tokens + speech_frames + overhead, cfg.dpo.max_length)
-    plan.lines.append(f"  sequence: <= {prompt_frames} prompt + ~{text_tokens} text + {speech_frames} speech tokens "
+    seq = min(n_prompt_frames + text_tokens + speech_frames + overhead, cfg.dpo.max_length)
+    plan.lines.append(f"  sequence: <= {n_prompt_frames} prompt + ~{text_tokens} text + {speech_frames} speech tokens "
                       f"(+{overhead} format) -> {seq} (dpo.max_length {cfg.dpo.max_length})")
-    if prompt_frames + text_tokens + speech_frames + overhead > cfg.dpo.max_length:
-        plan.warnings.append(f"the longest sequence (~{prompt_frames + text_tokens + speech_frames + overhead} "
+    if n_prompt_frames + text_tokens + speech_frames + overhead > cfg.dpo.max_length:
+        plan.warnings.append(f"the longest sequence (~{n_prompt_frames + text_tokens + speech_frames + overhead} "
                              f"tokens) exceeds dpo.max_length={cfg.dpo.max_length}: long pairs are truncated in DPO")
     if cfg.policy.pretrained:
         p = Path(cfg.policy.pretrained)

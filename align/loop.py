@@ -1,17 +1,16 @@
 """The SpeechAlign loop, top to bottom.
 
     round 0:        base (train or copy the starting policy) -> evaluate
-    round k >= 1:   sample -> pair -> dpo -> evaluate          (round k-1's policy is the reference)
+    round k >= 1:   sample -> pair -> train -> evaluate        (round k-1's policy is the reference)
 
-The 'dpo' stage trains round k's policy with ``train.method`` (align/methods.py: dpo, sft_control,
-reward_bon, grpo, coh); it keeps its name so older run directories resume.
+The 'train' stage trains round k's policy with ``train.method`` (align/methods.py: dpo, sft_control,
+reward_bon, grpo, coh). Older run directories, where it was called 'dpo', are renamed on resume.
 
 After every finished round, ``metrics.jsonl`` is rebuilt from the rounds' own summary files, so it
 never holds a duplicate row after a resume.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,12 +18,24 @@ from pathlib import Path
 from align import methods, stages
 from align.base import run_base_stage
 from align.config import RunConfig
-from align.run import Context, RunDir, seed_everything, write_jsonl
+from align.run import LEGACY_TRAIN_STAGE, Context, RunDir, seed_everything
+from models.io import read_json, write_json, write_jsonl
 
 log = logging.getLogger("speechalign")
 
-ROUND_STAGES = ("sample", "pair", "dpo", "evaluate")
-STAGE_FNS = {"sample": stages.sample, "pair": stages.pair, "dpo": methods.train, "evaluate": stages.evaluate}
+ROUND_STAGES = ("sample", "pair", "train", "evaluate")
+STAGE_FNS = {"sample": stages.sample, "pair": stages.pair, "train": methods.train, "evaluate": stages.evaluate}
+# Each stage's seed offset, fixed per name: adding a stage moves no other stage's seed. (The values
+# are the ones the earlier rule -- the index in the sorted stage names -- gave, so results match.)
+STAGE_SEED_OFFSETS = {"train": 0, "evaluate": 1, "pair": 2, "sample": 3}
+
+
+def stage_seed(seed: int, k: int, name: str) -> int:
+    """The seed a stage runs under: a function of (run seed, round, stage) alone, so a resumed stage
+    draws the same numbers. Round 0's base stage runs under the run seed itself."""
+    if name not in STAGE_SEED_OFFSETS:
+        return seed
+    return seed * 7919 + k * 101 + STAGE_SEED_OFFSETS[name]
 
 
 def _base(ctx: Context, k: int) -> dict:
@@ -32,7 +43,7 @@ def _base(ctx: Context, k: int) -> dict:
     out = ctx.run.policy_dir(0)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats = run_base_stage(ctx, out)
-    (ctx.run.round_dir(0) / "base.json").write_text(json.dumps(stats, indent=2, default=str))
+    write_json(ctx.run.base_json(), stats)
     return stats
 
 
@@ -45,6 +56,9 @@ def run_loop(cfg: RunConfig, only_stage: str | None = None, stop_after: str | No
     only_stage: re-run just this stage of every round that reaches it (its output is replaced).
     stop_after: "k:stage" — stop once that stage is done (used by tests to simulate a crash).
     """
+    if only_stage == LEGACY_TRAIN_STAGE:
+        only_stage = "train"
+    methods.check_loss_type(cfg.dpo.loss_type)
     run = RunDir(cfg)
     ctx = Context(cfg, run)
     log.info("run %s: %d rounds, device %s", run.root, cfg.rounds, ctx.device)
@@ -55,8 +69,7 @@ def run_loop(cfg: RunConfig, only_stage: str | None = None, stop_after: str | No
             continue
         if run.done(k, name) and only_stage is None:
             continue
-        # Each stage seeds from (run seed, round, stage) alone, so a resumed stage draws the same numbers.
-        seed_everything(cfg.seed * 7919 + k * 101 + sorted(STAGE_FNS).index(name) if name in STAGE_FNS else cfg.seed)
+        seed_everything(stage_seed(cfg.seed, k, name))
         log.info("round %d: %s", k, name)
         t0 = time.time()
         fn(ctx, k)
@@ -72,10 +85,10 @@ def run_loop(cfg: RunConfig, only_stage: str | None = None, stop_after: str | No
 
 def round_row(run: RunDir, k: int) -> dict | None:
     """One metrics row: eval summary + DPO/pair/sample stats + wall time per stage."""
-    summary_path = run.round_dir(k) / "eval" / "summary.json"
+    summary_path = run.eval_dir(k) / "summary.json"
     if not summary_path.exists():
         return None
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path)
     row = {"round": k, "wer": summary["wer"], "sim": summary["sim"], "n_eval": summary["n"],
            "empty_outputs": summary.get("empty_outputs", 0), "mean_duration": summary.get("mean_duration")}
     for key in ("dnsmos", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "utmos", "gap_auc", "gap_logp_margin",
@@ -84,18 +97,18 @@ def round_row(run: RunDir, k: int) -> dict | None:
             row[key] = summary[key]
     if summary.get("extra"):  # eval.extra_sets: {set name: {wer, sim, dnsmos, utmos, n}} per round
         row["extra"] = summary["extra"]
-    dpo_path = run.round_dir(k) / "dpo" / "metrics.json"
-    if dpo_path.exists():
-        d = json.loads(dpo_path.read_text())["summary"]
+    train_path = run.train_dir(k) / "metrics.json"
+    if train_path.exists():
+        d = read_json(train_path)["summary"]
         row.update({"method": d.get("method", "dpo"), "dpo_loss": d["loss"], "reward_accuracy": d["reward_accuracy"],
                     "reward_margin": d["reward_margin"], "pairs": d["pairs"]})
         for key in ("rm_accuracy", "grpo_reward"):
             if d.get(key) is not None:
                 row[key] = d[key]
-    for part in ("samples", "pairs"):
-        p = run.round_dir(k) / part / "stats.json"
+    for part, folder in (("samples", run.samples_dir(k)), ("pairs", run.pairs_dir(k))):
+        p = folder / "stats.json"
         if p.exists():
-            stats = json.loads(p.read_text())
+            stats = read_json(p)
             if part == "pairs":
                 row["mean_token_distance"] = stats["mean_token_distance"]
             else:
@@ -105,13 +118,7 @@ def round_row(run: RunDir, k: int) -> dict | None:
 
 
 def write_metrics(run: RunDir) -> None:
-    rows = []
-    k = 0
-    while run.round_dir(k).exists():
-        row = round_row(run, k)
-        if row is not None:
-            rows.append(row)
-        k += 1
+    rows = [row for row in (round_row(run, k) for k in run.rounds()) if row is not None]
     write_jsonl(run.root / "metrics.jsonl", rows)
     if rows:
         from eval.table import write_table

@@ -1,6 +1,6 @@
 """Training methods of a round: what turns round k's pairs into round k's policy.
 
-    dpo          DPO through trl.DPOTrainer (any TRL loss_type, optional RPO-style SFT term) [stages.dpo]
+    dpo          DPO through trl.DPOTrainer (any TRL loss_type, optional RPO-style SFT term)
     sft_control  continue-SFT on the golden tokens of the round's prompts, same steps / lr / batch as DPO:
                  the control that tells a preference gain from more teacher forcing
     reward_bon   a reward model (Bradley-Terry on the pairs) attached to round k-1's weights as a
@@ -9,24 +9,28 @@
     coh          Chain-of-Hindsight: SFT on ``<good>``-hinted chosen and ``<bad>``-hinted rejected
                  sequences; the policy then generates with the ``<good>`` hint
 
-The round's training stage keeps its name ``dpo`` (state.json, the ``round_k/dpo/`` folder and
-``--only-stage dpo`` mean "train", whatever the method), so runs made before methods existed resume.
-Every method writes ``round_k/dpo/metrics.json`` with a ``summary`` holding at least ``method``,
+The loop's ``train`` stage runs ``train(ctx, k)``, which dispatches on ``train.method``; the ``dpo:``
+section is the budget of every method (steps, learning rate, batch, LoRA), so they compare at equal
+cost. Every method writes ``round_k/train/metrics.json`` with a ``summary`` holding at least ``method``,
 ``loss``, ``reward_accuracy``, ``reward_margin`` and ``pairs`` (None where a method has no such figure).
+(Run directories from before the rename, with ``round_k/dpo/``, are renamed on resume: align/run.py.)
 """
 from __future__ import annotations
 
 import logging
-import random
+import math
+import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
 
-from models.reward import RewardConfig
+from align.training import sft_steps
+from models.codec import prompt_frames
+from models.io import read_jsonl, write_json
+from models.optim import tail_mean
 
 if TYPE_CHECKING:
     from align.run import Context
@@ -36,73 +40,32 @@ log = logging.getLogger("speechalign.methods")
 GOOD, BAD = "<good>", "<bad>"
 
 
-@dataclass
-class GRPOStageConfig:
-    """RL through trl.GRPOTrainer: group-relative advantages over num_generations samples per prompt."""
+def trl_loss_types() -> list[str]:
+    """The DPO loss types the installed TRL documents in ``DPOConfig.loss_type``'s help."""
+    from trl import DPOConfig
 
-    reward: str = field(default="reward_model", metadata={
-        "help": "reward_model: a reward model trained on the round's pairs (train.reward); wer: -WER of the "
-                "rendered completion; wer_sim: -WER + sim_weight x SIM (ASR + speaker encoder per completion: slow)"})
-    steps: int = field(default=8, metadata={"help": "optimiser steps"})
-    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    num_generations: int = field(default=4, metadata={"help": "completions per prompt (the group)"})
-    prompts_per_step: int = field(default=2, metadata={"help": "prompts per optimiser step"})
-    beta: float = field(default=0.04, metadata={
-        "help": "KL to round k-1's policy; 0 = no reference model (faster, free to drift)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the completions"})
-    top_k: int = field(default=50, metadata={"help": "top-k of the completions; 0 = off"})
-    max_completion_frames: int = field(default=0, metadata={
-        "help": "longest completion in codec frames; 0 = policy.max_seconds x codec frame rate"})
-    loss_type: str = field(default="dapo", metadata={"help": "trl.GRPOConfig loss_type: grpo, dr_grpo, dapo, bnpo, ..."})
-    sim_weight: float = field(default=1.0, metadata={"help": "wer_sim: weight of SIM against -WER"})
-
-    def __post_init__(self):
-        if self.reward not in ("reward_model", "wer", "wer_sim"):
-            raise ValueError(f"train.grpo.reward={self.reward!r}: choose reward_model, wer or wer_sim")
-        if self.num_generations < 2:
-            raise ValueError("train.grpo.num_generations must be >= 2 (advantages are relative within a group)")
-        if self.steps < 1 or self.prompts_per_step < 1 or self.learning_rate <= 0 or self.beta < 0:
-            raise ValueError("train.grpo.steps, prompts_per_step >= 1, learning_rate > 0 and beta >= 0 are required")
+    for f in fields(DPOConfig):
+        if f.name == "loss_type":
+            return re.findall(r"`'([a-z_]+)'`", f.metadata.get("help", ""))
+    return []
 
 
-@dataclass
-class TrainConfig:
-    """Which method trains each round's policy (the round's 'dpo' stage), and the non-DPO methods' settings.
+def check_loss_type(loss_type: str) -> None:
+    """Fail before any stage runs when ``dpo.loss_type`` is not one the installed TRL offers."""
+    known = trl_loss_types()
+    if known and loss_type not in known:
+        raise ValueError(f"dpo.loss_type={loss_type!r} is not one the installed TRL offers: {known}")
 
-    DPO's own settings stay in the ``dpo:`` section; sft_control and coh reuse its steps, learning_rate
-    and batch_size so that every method gets the same budget.
-    """
 
-    method: str = field(default="dpo", metadata={
-        "help": "dpo | sft_control (continue-SFT on golden tokens) | reward_bon (reward model + Best-of-N) | "
-                "grpo (RL via trl.GRPOTrainer) | coh (Chain-of-Hindsight)"})
-    best_of_n: int = field(default=4, metadata={"help": "reward_bon: samples drawn per returned sample"})
-    best_of_n_length_band: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata={
-        "help": "reward_bon: only samples whose length is within [lo, hi] x the text's expected length may win "
-                "(the closest when none is); [0, 1e9] turns the guard off"})
-    coh_rejected: bool = field(default=True, metadata={
-        "help": "coh: also train on <bad>-hinted rejected sequences (false: only <good>-hinted chosen)"})
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"train.method={self.method!r} unknown; choose one of {sorted(METHODS)}")
-        if self.best_of_n < 1:
-            raise ValueError(f"train.best_of_n={self.best_of_n} must be >= 1")
-        band = self.best_of_n_length_band
-        if len(band) != 2 or not 0 <= band[0] <= 1 <= band[1]:
-            raise ValueError(f"train.best_of_n_length_band={band}: give [lo, hi] with 0 <= lo <= 1 <= hi, "
-                             "e.g. [0.5, 2.0]")
+
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------
 def _kept_pairs(ctx: "Context", k: int) -> list[dict]:
-    from align.run import read_jsonl
-
-    return [p for p in read_jsonl(ctx.run.round_dir(k) / "pairs" / "pairs.jsonl") if p["keep"]]
+    return [p for p in read_jsonl(ctx.run.pairs_dir(k) / "pairs.jsonl") if p["keep"]]
 
 
 def _summary(method: str, **kw) -> dict:
@@ -112,61 +75,98 @@ def _summary(method: str, **kw) -> dict:
 
 
 def _write_metrics(work: Path, stats: dict, history: list[dict]) -> None:
-    from align.run import write_json
-
     write_json(work / "metrics.json", {"summary": stats, "history": history})
-
-
-def sft_steps(policy, examples: list[tuple[str, str]], *, steps: int, lr: float, batch_size: int, warmup: int,
-              seed: int, bcfg, device: str = "cpu", name: str = "sft") -> tuple[float, list[dict]]:
-    """Teacher forcing on (prompt string, completion string) examples; loss on the completion only.
-
-    The shared AdamW loop of the base stage (``align.base._fit``); returns (final loss, history).
-    """
-    from align.base import _fit
-
-    tok = policy.tokenizer
-    seqs = [(tok(p, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"])
-            for p, c in examples]
-    lm = policy.lm.to(device)
-
-    def loss_fn(batch: list[int]) -> torch.Tensor:
-        items = [seqs[i] for i in batch]
-        L = max(len(p) + len(c) for p, c in items)
-        ids = torch.full((len(items), L), tok.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), L), -100, dtype=torch.long)
-        attn = torch.zeros((len(items), L), dtype=torch.long)
-        for i, (p, c) in enumerate(items):  # right padding for training
-            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
-            attn[i, : len(p) + len(c)] = 1
-        return lm(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
-
-    final, history = _fit(name, lm, loss_fn, n_items=len(seqs), batch_size=batch_size, steps=steps, lr=lr,
-                          warmup=warmup, betas=(0.9, 0.999), bcfg=bcfg, rng=random.Random(seed))
-    policy.lm = lm.cpu().eval()
-    return final, history
 
 
 # ---------------------------------------------------------------------------------------------
 # Methods: fn(ctx, k) -> summary; each writes round_k/dpo/metrics.json and round_k/policy/
 # ---------------------------------------------------------------------------------------------
-def dpo(ctx: "Context", k: int) -> dict:
-    """DPO through trl.DPOTrainer (``align.stages.dpo``)."""
-    from align import stages
+def nan_guard():
+    """A trainer callback that stops loudly when the DPO loss is not finite."""
+    from transformers import TrainerCallback
 
-    return stages.dpo(ctx, k)
+    class NaNGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"DPO loss became {loss} at step {state.global_step}; lower dpo.learning_rate or dpo.beta. "
+                    "The previous round's policy is untouched.")
+
+    return NaNGuard()
+
+
+def dpo(ctx: "Context", k: int) -> dict:
+    """DPO on round k's pairs; round k-1's policy is both the start and the frozen reference."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from models.codec_lm import Policy
+    from models.layout import with_hint
+
+    cfg, dcfg = ctx.cfg, ctx.cfg.dpo
+    prev = ctx.run.policy_dir(k - 1)
+    pairs = _kept_pairs(ctx, k)
+    policy = Policy.load(prev, device="cpu")
+    hint = policy.meta.get("quality_hint")  # a Chain-of-Hindsight policy is conditioned on its hint
+    dataset = Dataset.from_list([{"prompt": with_hint(p["prompt"], hint), "chosen": p["chosen"],
+                                  "rejected": p["rejected"]} for p in pairs])
+    ref = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32)
+    work = ctx.run.train_dir(k)
+    work.mkdir(parents=True, exist_ok=True)
+    args = DPOConfig(
+        output_dir=str(work / "trainer"), beta=dcfg.beta,
+        loss_type=[dcfg.loss_type] + (["sft"] if dcfg.sft_weight > 0 else []),
+        loss_weights=[1.0, dcfg.sft_weight] if dcfg.sft_weight > 0 else None,
+        label_smoothing=dcfg.label_smoothing, discopop_tau=dcfg.discopop_tau, ld_alpha=dcfg.ld_alpha,
+        f_divergence_type=dcfg.f_divergence_type, f_alpha_divergence_coef=dcfg.f_alpha_divergence_coef,
+        use_weighting=dcfg.use_weighting,
+        learning_rate=dcfg.learning_rate, max_steps=dcfg.steps, per_device_train_batch_size=dcfg.batch_size,
+        gradient_accumulation_steps=dcfg.grad_accum, warmup_steps=int(dcfg.warmup_ratio * dcfg.steps),
+        lr_scheduler_type="cosine", max_length=dcfg.max_length, logging_steps=1, save_steps=dcfg.save_steps,
+        save_strategy="steps", save_total_limit=1, save_only_model=False, report_to="none", seed=cfg.seed + k,
+        data_seed=cfg.seed + k, use_cpu=ctx.device == "cpu", dataloader_num_workers=0, disable_tqdm=False,
+        bf16=False, fp16=False, gradient_checkpointing=False)
+    peft_config = None
+    if dcfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=dcfg.lora_r, lora_alpha=dcfg.lora_alpha, lora_dropout=dcfg.lora_dropout,
+                                 target_modules=list(dcfg.lora_targets), task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=policy.lm, ref_model=None if dcfg.lora else ref, args=args, train_dataset=dataset,
+                         processing_class=policy.tokenizer, peft_config=peft_config, callbacks=[nan_guard()])
+    checkpoints = sorted((work / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    resume = str(checkpoints[-1]) if checkpoints else None
+    if resume:
+        log.info("round %d dpo: resuming from %s", k, resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    model = trainer.model
+    if dcfg.lora:
+        model = model.merge_and_unload()
+    policy.lm = model.eval()
+    policy.save(ctx.run.policy_dir(k))
+    stats = {"method": "dpo", "steps": result.global_step, "loss": tail_mean(history, "loss"),
+             "reward_accuracy": tail_mean(history, "rewards/accuracies"),
+             "reward_margin": tail_mean(history, "rewards/margins"), "logps_chosen": tail_mean(history, "logps/chosen"),
+             "logps_rejected": tail_mean(history, "logps/rejected"), "pairs": len(pairs)}
+    _write_metrics(work, stats, history)
+    shutil.rmtree(work / "trainer", ignore_errors=True)  # the policy dir is the round's checkpoint
+    log.info("round %d dpo: loss %.4f reward acc %.3f margin %.3f", k, stats["loss"] or float("nan"),
+             stats["reward_accuracy"] or float("nan"), stats["reward_margin"] or float("nan"))
+    return stats
 
 
 def sft_control(ctx: "Context", k: int) -> dict:
     """Continue-SFT on the golden tokens of this round's sampled prompts (no preference signal)."""
-    from align.run import read_jsonl
-    from models.codec_lm import Policy, completion_str
+    from models.codec_lm import Policy
+    from models.layout import completion_str
 
     cfg, dcfg = ctx.cfg, ctx.cfg.dpo
-    rows = read_jsonl(ctx.run.round_dir(k) / "samples" / "samples.jsonl")
+    rows = read_jsonl(ctx.run.samples_dir(k) / "samples.jsonl")
     by_id = {u.id: u for u in ctx.splits.train}
-    n_prompt = max(1, int(round(cfg.policy.prompt_seconds * ctx.codec.frame_rate)))
+    n_prompt = prompt_frames(cfg.policy.prompt_seconds, ctx.codec.frame_rate)
     policy = Policy.load(ctx.run.policy_dir(k - 1), device="cpu")
     seen, examples = set(), []
     for r in rows:
@@ -181,7 +181,7 @@ def sft_control(ctx: "Context", k: int) -> dict:
                               name=f"round {k} sft_control")
     policy.save(ctx.run.policy_dir(k))
     stats = _summary("sft_control", loss=loss, sft_loss=loss, examples=len(examples), steps=dcfg.steps)
-    work = ctx.run.round_dir(k) / "dpo"
+    work = ctx.run.train_dir(k)
     work.mkdir(parents=True, exist_ok=True)
     _write_metrics(work, stats, history)
     log.info("round %d sft_control: loss %.4f on %d golden sequences", k, loss, len(examples))
@@ -199,7 +199,8 @@ def add_hint_tokens(policy) -> None:
 
 def coh(ctx: "Context", k: int) -> dict:
     """Chain-of-Hindsight: SFT on hinted pairs; the saved policy generates with the ``<good>`` hint."""
-    from models.codec_lm import Policy, with_hint
+    from models.codec_lm import Policy
+    from models.layout import with_hint
 
     cfg, dcfg = ctx.cfg, ctx.cfg.dpo
     pairs = _kept_pairs(ctx, k)
@@ -214,7 +215,7 @@ def coh(ctx: "Context", k: int) -> dict:
     policy.meta["quality_hint"] = GOOD
     policy.save(ctx.run.policy_dir(k))
     stats = _summary("coh", loss=loss, pairs=len(pairs), examples=len(examples), steps=dcfg.steps)
-    work = ctx.run.round_dir(k) / "dpo"
+    work = ctx.run.train_dir(k)
     work.mkdir(parents=True, exist_ok=True)
     _write_metrics(work, stats, history)
     log.info("round %d coh: loss %.4f on %d hinted sequences", k, loss, len(examples))
@@ -224,7 +225,7 @@ def coh(ctx: "Context", k: int) -> dict:
 def _train_rm(ctx: "Context", k: int, policy, pairs: list[dict]):
     from models.reward import train_reward_model
 
-    work = ctx.run.round_dir(k) / "dpo"
+    work = ctx.run.train_dir(k)
     work.mkdir(parents=True, exist_ok=True)
     rm, stats = train_reward_model(policy, pairs, ctx.cfg.train.reward, work, seed=ctx.cfg.seed + k,
                                    use_cpu=ctx.device == "cpu")
@@ -245,7 +246,7 @@ def reward_bon(ctx: "Context", k: int) -> dict:
     policy.save(ctx.run.policy_dir(k))
     summary = _summary("reward_bon", loss=stats["rm_loss"], reward_accuracy=stats["rm_accuracy"],
                        reward_margin=stats["rm_margin"], pairs=len(pairs), best_of_n=ctx.cfg.train.best_of_n, **stats)
-    _write_metrics(ctx.run.round_dir(k) / "dpo", summary, [])
+    _write_metrics(ctx.run.train_dir(k), summary, [])
     return summary
 
 
@@ -304,11 +305,11 @@ def grpo(ctx: "Context", k: int) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from align.run import read_jsonl
-    from models.codec_lm import Policy, with_hint
+    from models.codec_lm import Policy
+    from models.layout import with_hint
 
     cfg, gcfg = ctx.cfg, ctx.cfg.train.grpo
-    work = ctx.run.round_dir(k) / "dpo"
+    work = ctx.run.train_dir(k)
     work.mkdir(parents=True, exist_ok=True)
     policy = Policy.load(ctx.run.policy_dir(k - 1), device="cpu")
     extra: dict = {}
@@ -320,9 +321,9 @@ def grpo(ctx: "Context", k: int) -> dict:
         score_fn = _direct_reward(ctx, k, policy, with_sim=gcfg.reward == "wer_sim")
     reward = CodesReward(f"reward_{gcfg.reward}", policy.tokenizer, policy.codec.codebook_size, score_fn)
 
-    rows = read_jsonl(ctx.run.round_dir(k) / "samples" / "samples.jsonl")
+    rows = read_jsonl(ctx.run.samples_dir(k) / "samples.jsonl")
     by_id = {u.id: u for u in ctx.splits.train}
-    n_prompt = max(1, int(round(cfg.policy.prompt_seconds * ctx.codec.frame_rate)))
+    n_prompt = prompt_frames(cfg.policy.prompt_seconds, ctx.codec.frame_rate)
     seen, data = set(), []
     for r in rows:
         if r["id"] not in seen:
@@ -351,14 +352,8 @@ def grpo(ctx: "Context", k: int) -> dict:
     policy.lm = trainer.model.cpu().eval()
     policy.save(ctx.run.policy_dir(k))
     shutil.rmtree(work / "trainer", ignore_errors=True)
-    tail = history[-max(1, len(history) // 5):]
-
-    def mean(key):
-        vals = [h[key] for h in tail if h.get(key) is not None]
-        return float(np.mean(vals)) if vals else None
-
-    summary = _summary("grpo", loss=mean("loss"), pairs=extra.get("rm_pairs"), grpo_reward=mean("reward"),
-                       grpo_reward_std=mean("reward_std"), prompts=len(data), steps=gcfg.steps, **extra)
+    summary = _summary("grpo", loss=tail_mean(history, "loss"), pairs=extra.get("rm_pairs"),
+                       grpo_reward=tail_mean(history, "reward"), grpo_reward_std=tail_mean(history, "reward_std"), prompts=len(data), steps=gcfg.steps, **extra)
     _write_metrics(work, summary, history)
     log.info("round %d grpo: loss %s reward %s", k, summary["loss"], summary["grpo_reward"])
     return summary

@@ -3,101 +3,36 @@
     golden_vs_synthetic  golden RVQ-1 tokens chosen, every synthetic sample rejected (SpeechAlign)
     ranked_samples       N samples per prompt scored by WER / SIM / (DNSMOS); best vs worst of each
                          prompt by a weighted score or by Pareto rank on (WER, SIM) (CosyVoice, Koel-TTS)
-    mixed                both sets together
+    human                what raters preferred in ``speechalign listen`` (eval/listen.py): the judged
+                         clips' RVQ-1 tokens, winner chosen (majority per item; "same" and rater ties skipped)
+    mixed                the pairs of every strategy in ``pair.mixed`` pooled
 
 A strategy is ``fn(ctx, k, rows) -> list[pair dict]``; every pair carries ``scores`` and ``keep``
 (dropped pairs stay on disk with their ``drop`` reason). Scoring is pluggable: ``SCORERS`` maps a
 name to a factory ``(ctx) -> scorer | None``; a scorer maps a ``SampleBatch`` to one float per
 sample, and a factory that returns None (its backend is not installed) is skipped with a warning.
-Tests inject stub scorers there, which never render audio because ``SampleBatch.wavs`` is lazy.
+The factories score with the run's judges (``ctx.scorers``: ``eval.scorers.build_scorers`` of the
+``eval:`` section), the same models evaluation uses. Tests inject stub scorers here, which never
+render audio because ``SampleBatch.wavs`` is lazy. A score that is not finite (DNSMOS of silence)
+ranks worst.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from pathlib import Path
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from models.layout import token_distance
+
 if TYPE_CHECKING:
+    from align.config import PairConfig
     from align.run import Context
 
 log = logging.getLogger("speechalign.pairs")
-
-
-@dataclass
-class PairConfig:
-    """How samples become preference pairs, and how rounds use them."""
-
-    strategy: str = field(default="golden_vs_synthetic", metadata={
-        "help": "golden_vs_synthetic: golden tokens chosen, each synthetic sample rejected; ranked_samples: best vs "
-                "worst of each prompt's sample.n samples by score (needs sample.n >= 2); mixed: both"})
-    min_distance: float = field(default=0.05, metadata={
-        "help": "drop pairs whose two code sequences are this close (normalised edit distance): "
-                "a near-copy carries no preference signal"})
-    max_pairs: int = field(default=0, metadata={"help": "cap on this round's new pairs; 0 = no cap"})
-    scorers: list[str] = field(default_factory=lambda: ["wer", "sim", "dnsmos"], metadata={
-        "help": "ranked_samples: scores computed per sample (rendered audio); unavailable ones are skipped"})
-    rank_by: str = field(default="weighted", metadata={
-        "help": "ranked_samples: 'weighted' (sum of weights x scores) or 'pareto' (non-dominated fronts on "
-                "(WER, SIM), weighted score breaks ties within a front)"})
-    weights: dict[str, float] = field(default_factory=lambda: {"wer": -1.0, "sim": 1.0, "dnsmos": 0.25}, metadata={
-        "help": "ranked_samples: weight of each score in the weighted score (negative = lower is better)"})
-    min_gap: float = field(default=0.05, metadata={
-        "help": "ranked_samples: drop a prompt whose best and worst weighted scores differ by less; exact ties "
-                "are always dropped"})
-    max_chosen_wer: float = field(default=0.5, metadata={
-        "help": "ranked_samples: drop a prompt whose best sample's WER is above this: a bad 'chosen' teaches "
-                "nothing good"})
-    data: str = field(default="fresh", metadata={
-        "help": "fresh: train on this round's pairs only; accumulate: also on the kept pairs of earlier rounds"})
-    accumulate_rounds: int = field(default=0, metadata={
-        "help": "data=accumulate: how many earlier rounds to add; 0 = all"})
-
-    def __post_init__(self):
-        if self.strategy not in PAIR_STRATEGIES:
-            raise ValueError(f"pair.strategy={self.strategy!r} unknown; choose one of {sorted(PAIR_STRATEGIES)}")
-        if not 0 <= self.min_distance < 1:
-            raise ValueError(f"pair.min_distance={self.min_distance} must be in [0, 1)")
-        if self.rank_by not in ("weighted", "pareto"):
-            raise ValueError(f"pair.rank_by={self.rank_by!r}: choose 'weighted' or 'pareto'")
-        unknown = [s for s in self.scorers if s not in SCORERS]
-        if unknown:
-            raise ValueError(f"pair.scorers {unknown} unknown; registered scorers: {sorted(SCORERS)}")
-        if self.min_gap < 0 or self.max_chosen_wer < 0:
-            raise ValueError("pair.min_gap and pair.max_chosen_wer must be >= 0")
-        if self.data not in ("fresh", "accumulate"):
-            raise ValueError(f"pair.data={self.data!r}: choose 'fresh' or 'accumulate'")
-        if self.accumulate_rounds < 0:
-            raise ValueError(f"pair.accumulate_rounds={self.accumulate_rounds} must be >= 0")
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------
-def edit_distance(a: list[int], b: list[int]) -> int:
-    """Levenshtein distance between two code sequences (O(len(a) * len(b)), numpy rows)."""
-    if not a:
-        return len(b)
-    if not b:
-        return len(a)
-    b_arr = np.asarray(b)
-    prev = np.arange(len(b) + 1)
-    for i, x in enumerate(a, 1):
-        cur = np.empty_like(prev)
-        cur[0] = i
-        sub = prev[:-1] + (b_arr != x)
-        cur[1:] = np.minimum(sub, prev[1:] + 1)
-        # insertions run left to right: a cumulative min over (cur[j-1] + 1)
-        cur = np.minimum.accumulate(cur - np.arange(len(cur))) + np.arange(len(cur))
-        prev = cur
-    return int(prev[-1])
-
-
-def token_distance(a: list[int], b: list[int]) -> float:
-    """Edit distance normalised by the longer sequence: 0 = identical, 1 = nothing shared."""
-    return edit_distance(a, b) / max(len(a), len(b), 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,43 +74,32 @@ class SampleBatch:
 
 
 def _wer_scorer(ctx: "Context"):
-    from align.audio import resample
-    from eval.asr import build_asr, utterance_wer
-
-    asr = build_asr(ctx.cfg.eval.asr)
+    """Per-sample WER by the run's ASR (``eval.asr`` / ``eval.asr_model``)."""
 
     def score(batch: SampleBatch) -> list[float]:
-        wavs = [resample(w, batch.sample_rate, asr.sample_rate) if len(w) else w for w in batch.wavs]
-        hyps = asr.transcribe(wavs)
-        return [utterance_wer(r["text"], h) for r, h in zip(batch.rows, hyps)]
+        return ctx.scorers.wer(batch.wavs, batch.sample_rate, [r["text"] for r in batch.rows])[0]
 
     return score
 
 
 def _sim_scorer(ctx: "Context"):
-    from align.audio import load_audio, resample
-    from eval.speaker import build_speaker_encoder
-
-    enc = build_speaker_encoder(ctx.cfg.eval.speaker)
+    """Per-sample speaker similarity to the real recording, by the run's speaker encoder."""
+    from models.audio import load_audio
 
     def score(batch: SampleBatch) -> list[float]:
-        refs = [load_audio(a, enc.sample_rate, ctx.cfg.data.max_seconds) for a in batch.reference_audio()]
-        wavs = [resample(w, batch.sample_rate, enc.sample_rate) if len(w) else w for w in batch.wavs]
-        return [float(s) for s in enc.similarity(wavs, refs)]
+        sr = ctx.scorers.speaker.sample_rate
+        refs = [load_audio(a, sr, ctx.cfg.data.max_seconds) for a in batch.reference_audio()]
+        return [float(s) for s in ctx.scorers.sim(batch.wavs, batch.sample_rate, refs)]
 
     return score
 
 
 def _dnsmos_scorer(ctx: "Context"):
-    """DNSMOS P.808 MOS of each sample (``eval.quality``; higher is better; NaN for silence)."""
-    from align.audio import resample
-    from eval.quality import build_quality
-
-    scorer = build_quality("dnsmos")
+    """DNSMOS P.808 MOS of each sample (``eval.quality``'s model when it is DNSMOS; NaN for silence)."""
 
     def score(batch: SampleBatch) -> list[float]:
-        wavs = [resample(w, batch.sample_rate, scorer.sample_rate) for w in batch.wavs]
-        return [float(s["dnsmos"]) for s in scorer.score(wavs)]
+        out = ctx.scorers.quality_scores(batch.wavs, batch.sample_rate, model=ctx.scorers.dnsmos)
+        return [float(s["dnsmos"]) for s in out]
 
     return score
 
@@ -206,8 +130,13 @@ def score_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict[str, fl
 # Ranking
 # ---------------------------------------------------------------------------------------------
 def weighted_score(scores: dict[str, float], weights: dict[str, float]) -> float:
-    """Sum of weight x score over the scores present (a missing scorer simply contributes nothing)."""
-    return float(sum(weights.get(name, 0.0) * v for name, v in scores.items()))
+    """Sum of weight x score over the scores present (a missing scorer simply contributes nothing).
+
+    -inf when a weighted score is not finite: a sample a scorer could not judge (NaN DNSMOS of
+    silence) ranks below every judged one instead of poisoning the comparison (NaN compares false).
+    """
+    total = float(sum(weights.get(name, 0.0) * v for name, v in scores.items() if weights.get(name, 0.0) != 0))
+    return total if math.isfinite(total) else -math.inf
 
 
 def pareto_fronts(points: list[tuple[float, float]]) -> list[int]:
@@ -241,7 +170,11 @@ def rank_group(scores: list[dict[str, float]], pcfg: PairConfig) -> tuple[int, i
     if pcfg.rank_by == "pareto":
         if not all("wer" in s and "sim" in s for s in scores):
             raise ValueError("pair.rank_by=pareto needs both 'wer' and 'sim' in pair.scorers")
-        fronts = pareto_fronts([(s["wer"], s["sim"]) for s in scores])
+        # an unjudged (non-finite) WER or SIM puts the sample behind every judged front
+        finite = [math.isfinite(s["wer"]) and math.isfinite(s["sim"]) for s in scores]
+        judged = pareto_fronts([(s["wer"], s["sim"]) for s, ok in zip(scores, finite) if ok])
+        it = iter(judged)
+        fronts = [next(it) if ok else len(scores) for ok in finite]
         order = sorted(range(len(scores)), key=lambda i: (fronts[i], -w[i], i))
         best, worst = order[0], order[-1]
         if fronts[best] == fronts[worst] and w[best] == w[worst]:
@@ -251,6 +184,8 @@ def rank_group(scores: list[dict[str, float]], pcfg: PairConfig) -> tuple[int, i
         best, worst = order[0], order[-1]
         if w[best] == w[worst]:
             return best, worst, "tie"
+    if not math.isfinite(w[best]):
+        return best, worst, "unscored"  # no sample of the prompt could be judged
     if w[best] - w[worst] < pcfg.min_gap:
         return best, worst, "gap"
     if "wer" in scores[best] and scores[best]["wer"] > pcfg.max_chosen_wer:
@@ -309,10 +244,30 @@ def ranked_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
     return pairs
 
 
+def human(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
+    """Raters' judgments (``pair.human_db``) as pairs; the round's own samples are not used."""
+    from eval.listen import default_db_path, human_pairs
+
+    db = ctx.cfg.pair.human_db or default_db_path(ctx.run.root)
+    if not Path(db).is_file():
+        raise ValueError(f"pair.strategy=human: no judgments database at {db}; collect judgments with "
+                         f"`speechalign listen {ctx.run.root}` first, or set pair.human_db")
+    pairs = human_pairs(db)  # rows from the judged runs as the database names them (this run, or another)
+    test_ids = {u.id for u in ctx.splits.test}
+    held_out = sum(p["id"] in test_ids for p in pairs)
+    if held_out:
+        log.warning("round %d pair: %d human pairs are of test utterances; from this round on, evaluation is not "
+                    "held out on them", k, held_out)
+    for p in pairs:
+        p["sample"] = None
+        p["scores"]["test_split"] = p["id"] in test_ids
+    return pairs
+
+
 def mixed(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
-    """golden_vs_synthetic pairs (every sample) plus ranked_samples pairs (one per prompt)."""
-    return golden_vs_synthetic(ctx, k, rows) + ranked_samples(ctx, k, rows)
+    """The pairs of every strategy in ``pair.mixed``, pooled (default: golden_vs_synthetic + ranked_samples)."""
+    return [p for name in ctx.cfg.pair.mixed for p in PAIR_STRATEGIES[name](ctx, k, rows)]
 
 
 PAIR_STRATEGIES: dict[str, Callable] = {"golden_vs_synthetic": golden_vs_synthetic,
-                                        "ranked_samples": ranked_samples, "mixed": mixed}
+                                        "ranked_samples": ranked_samples, "human": human, "mixed": mixed}

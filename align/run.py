@@ -2,7 +2,9 @@
 
     runs/<name>/config.yaml  state.json  metrics.jsonl  log.txt  skipped.jsonl
     runs/<name>/round_000/policy/ eval/                 # the base stage's model and its baseline
-    runs/<name>/round_001/samples/ pairs/ dpo/ eval/ policy/
+    runs/<name>/round_001/samples/ pairs/ train/ eval/ policy/
+
+Every path a stage reads or writes is a ``RunDir`` method (``samples_dir(k)``, ``train_dir(k)`` ...).
 
 ``state.json`` records which (round, stage) pairs are done, written atomically after each stage,
 so a killed run resumes at the first unfinished stage. Stages write into temp folders and rename,
@@ -25,8 +27,9 @@ import torch
 import yaml
 
 from align.config import RunConfig, config_to_dict
-from align.data import Skip, Utterance, choose_prompt, load_any
-from align.io import atomic_dir, atomic_write_text
+from models.data import Skip, Utterance, choose_prompt, load_any
+from models.io import atomic_dir, atomic_write_text, write_json, write_jsonl
+from models.rundir import RunLayout
 from models.codec import Codec, build_codec, codec_sample_rate, load_codec
 
 log = logging.getLogger("speechalign")
@@ -38,18 +41,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,15 +49,40 @@ def resolve_device(device: str) -> str:
     return device
 
 
-class RunDir:
-    """Paths and bookkeeping of one run directory."""
+class RunDir(RunLayout):
+    """One run directory: its paths (``RunLayout``), its config, ``state.json`` and log."""
 
     def __init__(self, cfg: RunConfig):
+        super().__init__(cfg.run_dir)
         self.cfg = cfg
-        self.root = cfg.run_dir
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_config()
         self._attach_log()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a run directory of older code up to date, or refuse it with the reason.
+
+        The round's training stage was called ``dpo`` (state key and ``round_k/dpo/``) before it ran every
+        ``train.method``; such a run's stage and folders are renamed to ``train`` once, atomically per folder.
+        """
+        state = self.state()
+        renamed = False
+        for k, stages in state["done"].items():
+            if LEGACY_TRAIN_STAGE in stages:
+                if "train" in stages:
+                    raise ValueError(f"{self.state_path} marks both 'dpo' and 'train' done in round {k}; it was written "
+                                     "by two code versions at once. Move the run aside and start it again")
+                stages["train"] = stages.pop(LEGACY_TRAIN_STAGE)
+                renamed = True
+        for folder in sorted(self.root.glob("round_[0-9]*")):
+            old, new = folder / LEGACY_TRAIN_STAGE, folder / self.train_dir(0).name
+            if old.is_dir() and not new.exists():
+                old.rename(new)
+                renamed = True
+        if renamed:
+            write_json(self.state_path, state)
+            log.info("%s: renamed the training stage 'dpo' -> 'train' (state.json and round_k/dpo/)", self.root)
 
     def _check_config(self) -> None:
         """Resume only with the same config: a different one would mix two experiments in one folder."""
@@ -113,12 +129,9 @@ class RunDir:
     def stage_seconds(self, k: int) -> dict[str, float]:
         return {s: v["seconds"] for s, v in self.state()["done"].get(str(k), {}).items()}
 
-    # -- paths -----------------------------------------------------------------------------------
-    def round_dir(self, k: int) -> Path:
-        return self.root / f"round_{k:03d}"
 
-    def policy_dir(self, k: int) -> Path:
-        return self.round_dir(k) / "policy"
+# The training stage's name (state.json key and round folder) before it ran every train.method.
+LEGACY_TRAIN_STAGE = "dpo"
 
 
 def _with_defaults(saved, defaults):
@@ -208,6 +221,15 @@ class Context:
         """A different utterance of the same speaker as the voice prompt (deterministic); see choose_prompt."""
         return choose_prompt(utt, pool, self.cfg.seed + salt, min_seconds=min_seconds)
 
+    # -- judges ----------------------------------------------------------------------------------
+    @cached_property
+    def scorers(self):
+        """The ``eval:`` section's judges (built on first use): evaluation, pair ranking and GRPO's direct
+        reward all score with these, so training and evaluation agree on what is better."""
+        from eval.scorers import build_scorers
+
+        return build_scorers(self.cfg.eval, self.device)
+
     # -- codec -----------------------------------------------------------------------------------
     @cached_property
     def codec(self) -> Codec:
@@ -215,7 +237,9 @@ class Context:
         cfg = self.cfg
         if cfg.policy.pretrained:
             return load_codec(Path(cfg.policy.pretrained) / "codec")
-        key = hashlib.sha1(json.dumps({"codec": config_to_dict(cfg)["codec"],
+        codec_cfg = config_to_dict(cfg)["codec"]
+        codec_cfg.pop("allow_random_weights")  # a permission, not part of what is fitted
+        key = hashlib.sha1(json.dumps({"codec": codec_cfg,
                                        "train": [u.audio for u in self.splits.train]}).encode()).hexdigest()[:16]
         path = Path(cfg.cache_dir) / "codecs" / key
         if (path / "codec.json").exists():
@@ -233,7 +257,7 @@ class Context:
 
     def load_wav(self, utt: Utterance) -> np.ndarray:
         """An utterance's audio, mono float32 at the codec's rate."""
-        from align.audio import load_audio
+        from models.audio import load_audio
 
         return load_audio(utt.audio, self.sample_rate, self.cfg.data.max_seconds)
 

@@ -35,7 +35,9 @@ import torch  # noqa: E402
 
 from align.config import load_config  # noqa: E402
 from align.run import Context  # noqa: E402
-from align.speechgpt_gen import SpeechGPTGenConfig, flow_data, train_flow  # noqa: E402
+from align.base.speechgpt_gen import flow_data, train_flow  # noqa: E402
+from align.config import SpeechGPTGenConfig  # noqa: E402
+from models.codec import prompt_frames  # noqa: E402
 
 log = logging.getLogger("speechalign.bench")
 NFES = (2, 4, 8, 16)
@@ -73,14 +75,14 @@ def main() -> None:
     data = flow_data(codec, [(u.text, ctx.codes(u), None) for u in train])
     prep_seconds = time.time() - t0
 
-    from align.audio import load_audio
-    from align.stages import _round_subset
+    from models.audio import load_audio
+    from align.stages import round_subset
     from eval.asr import build_asr
     from eval.speaker import build_speaker_encoder
 
     asr, speaker = build_asr(cfg.eval.asr), build_speaker_encoder(cfg.eval.speaker)
-    items = _round_subset(test, args.eval, cfg.seed)
-    n_prompt = max(1, int(round(cfg.policy.prompt_seconds * codec.frame_rate)))
+    items = round_subset(test, args.eval, cfg.seed)
+    n_prompt = prompt_frames(cfg.policy.prompt_seconds, codec.frame_rate)
     golden = [ctx.codes(u) for u in items]
     prompts = [ctx.codes(ctx.prompt_for(u, test))[:, :n_prompt] for u in items]
     texts = [u.text for u in items]
@@ -137,7 +139,7 @@ def main() -> None:
                           "load_average_at_end": [round(x, 1) for x in os.getloadavg()]}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from align.io import atomic_write_text
+    from models.io import atomic_write_text
 
     atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     atomic_write_text(out.with_suffix(".md"), to_markdown(result))

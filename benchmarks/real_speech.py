@@ -49,8 +49,8 @@ def speaker_separation(name: str, encoder, wavs: list[np.ndarray], speakers: lis
 def main() -> None:
     import soundfile as sf
 
-    from align.audio import load_audio, resample
-    from align.data import load_manifest
+    from models.audio import load_audio, resample
+    from models.data import load_manifest
     from eval.asr import PocketSphinxASR, corpus_wer, utterance_wer
     from eval.quality import DNSMOS
     from eval.speaker import build_speaker_encoder

@@ -35,7 +35,7 @@ log = logging.getLogger("speechalign.bench")
 
 
 def score(wav: np.ndarray, sr: int, text: str, reference: str, asr, speaker) -> dict:
-    from align.audio import load_audio
+    from models.audio import load_audio
     from eval.evaluate import score_wavs
 
     means, hyps, _ = score_wavs([wav], sr, [text], [load_audio(reference, speaker.sample_rate)], asr=asr,
@@ -52,8 +52,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
-    from align.audio import load_audio
-    from align.speechgpt_gen import convert_voice, synthesize_tts
+    from models.audio import load_audio
+    from models.inference import convert_voice, synthesize_tts
 
     cfg = load_config(args.config, args.set)
     t0 = time.time()

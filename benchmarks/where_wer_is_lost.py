@@ -35,14 +35,15 @@ log = logging.getLogger("speechalign.bench")
 
 
 def main() -> None:
-    from align.audio import load_audio, resample
+    from models.audio import load_audio, resample
     from align.config import load_config
     from align.run import Context
-    from align.stages import _round_subset
+    from align.stages import round_subset
     from eval.asr import PocketSphinxASR
     from eval.evaluate import score_wavs
     from eval.speaker import ResemblyzerSpeaker
     from models.codec_lm import Policy
+    from models.rundir import RunLayout
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", default=str(ROOT / "runs" / "tiny"))
@@ -57,13 +58,13 @@ def main() -> None:
     cfg = load_config(run / "config.yaml")
     ctx = Context(cfg, None)
     codec = ctx.codec
-    policy = Policy.load(run / f"round_{args.round:03d}" / "policy")
+    policy = Policy.load(RunLayout(run).policy_dir(args.round))
     asr, spk = PocketSphinxASR(), ResemblyzerSpeaker()
     sr = codec.sample_rate
     e = cfg.eval
     results, t0 = {}, time.time()
     for split, pool in (("train", ctx.splits.train), ("test", ctx.splits.test)):
-        utts = _round_subset(pool, args.n, cfg.seed + 3)
+        utts = round_subset(pool, args.n, cfg.seed + 3)
         prompts = [ctx.codes(ctx.prompt_for(u, pool)) for u in utts]
         golden = [ctx.codes(u) for u in utts]
         samples = [s[0] for s in policy.generate([u.text for u in utts], prompts, n=1, temperature=e.temperature,

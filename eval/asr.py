@@ -1,7 +1,7 @@
 """ASR backends and word error rate.
 
 A backend is any object with `name`, `sample_rate` and `transcribe(wavs) -> list[str]`; it
-returns raw hypotheses, and WER normalises both sides with `eval.text.normalize_text`, so every
+returns raw hypotheses, and WER normalises both sides with `models.text.normalize_text`, so every
 backend is scored the same way.
 
 Backends: `pocketsphinx` (embedded, CPU, offline; the default) and `whisper` (transformers'
@@ -24,8 +24,8 @@ import jiwer
 import numpy as np
 import torch
 
-from align.audio import check_mono, is_silent_or_short
-from eval.text import normalize_text
+from models.audio import check_mono, is_silent_or_short
+from models.text import normalize_text
 
 log = logging.getLogger("speechalign.eval.asr")
 

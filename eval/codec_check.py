@@ -16,7 +16,7 @@ import numpy as np
 
 def codec_roundtrip(codec, utts, *, asr, speaker, load) -> dict:
     """utts: Utterances; load(utt) -> wav at codec.sample_rate. Returns the figures and per-utt rows."""
-    from align.audio import resample
+    from models.audio import resample
     from eval.asr import corpus_wer
 
     t0 = time.time()

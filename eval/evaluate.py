@@ -1,7 +1,7 @@
 """Evaluate a policy: synthesise each test text in the target speaker's voice, then score it.
 
 WER: the ASR backend's transcript of the synthesised audio against the text (one normaliser,
-``eval.text.normalize_text``). SIM: speaker-embedding cosine between the synthesised audio and a
+``models.text.normalize_text``). SIM: speaker-embedding cosine between the synthesised audio and a
 real recording of the target speaker (the utterance's own ``audio``). Quality (optional): a
 non-intrusive MOS proxy per utterance (DNSMOS P.808 by default, ``eval.quality``).
 """
@@ -11,11 +11,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from align.audio import load_audio, resample, save_audio
+from models.audio import load_audio, save_audio
+
+if TYPE_CHECKING:
+    from eval.scorers import EvalConfig, Scorers
 
 log = logging.getLogger("speechalign.eval")
 
@@ -30,19 +34,20 @@ class EvalItem:
     audio: str                 # real recording of `speaker` saying `text` (SIM reference)
     prompt_audio: str          # another real recording of `speaker` (the voice prompt)
     prompt_codes: torch.Tensor | None = None  # [n_q, Tp]; encoded from prompt_audio when None
+    prompt_id: str | None = None  # the prompt utterance's id, where it has one
 
 
-def evaluate_policy(policy, items: list[EvalItem], *, asr, speaker, temperature: float, top_k: int, top_p: float,
-                    seed: int, batch_size: int, save_audio_dir: Path | None = None, save_n: int = 0,
-                    max_seconds: float | None = None, quality=None) -> tuple[dict, list[dict]]:
-    """Synthesise and score every item.
+def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temperature: float, top_k: int,
+                    top_p: float, seed: int, batch_size: int, save_audio_dir: Path | None = None, save_n: int = 0,
+                    max_seconds: float | None = None) -> tuple[dict, list[dict]]:
+    """Synthesise and score every item with ``scorers`` (``eval.scorers.build_scorers``).
 
     Returns (summary, rows): summary has corpus WER, mean SIM, the mean of each quality score (over
     the utterances it could score; NaN ones, i.e. silent outputs, are counted in ``quality_unscored``),
     counts and timings; rows one dict per utterance (id, text, speaker, hypothesis, wer, sim,
-    duration, n_frames, and the quality model's keys, e.g. ``dnsmos``).
+    duration, n_frames, codes: the RVQ-1 tokens spoken, and the quality model's keys, e.g. ``dnsmos``).
     """
-    from eval.asr import corpus_wer, utterance_wer
+    from eval.asr import corpus_wer
 
     codec = policy.codec
     t0 = time.time()
@@ -62,25 +67,22 @@ def evaluate_policy(policy, items: list[EvalItem], *, asr, speaker, temperature:
     t_render = time.time() - t0
 
     t0 = time.time()
-    asr_in = [resample(w, codec.sample_rate, asr.sample_rate) if len(w) else w for w in wavs]
-    hyps = asr.transcribe(asr_in)
+    wers, hyps = scorers.wer(wavs, codec.sample_rate, [it.text for it in items])
     t_asr = time.time() - t0
     t0 = time.time()
-    refs = [load_audio(it.audio, speaker.sample_rate, max_seconds) for it in items]
-    spk_in = [resample(w, codec.sample_rate, speaker.sample_rate) if len(w) else w for w in wavs]
-    sims = speaker.similarity(spk_in, refs)
+    refs = [load_audio(it.audio, scorers.speaker.sample_rate, max_seconds) for it in items]
+    sims = scorers.sim(wavs, codec.sample_rate, refs)
     t_sim = time.time() - t0
     t0 = time.time()
-    scores = [{} for _ in wavs]
-    if quality is not None:
-        scores = quality.score([resample(w, codec.sample_rate, quality.sample_rate) if len(w) else w for w in wavs])
+    quality = scorers.quality
+    scores = scorers.quality_scores(wavs, codec.sample_rate)
     t_quality = time.time() - t0
 
     rows = []
-    for i, (it, s, w, h, sim, q) in enumerate(zip(items, samples, wavs, hyps, sims, scores)):
-        rows.append({"id": it.id, "text": it.text, "speaker": it.speaker, "hypothesis": h,
-                     "wer": utterance_wer(it.text, h), "sim": float(sim), "duration": len(w) / codec.sample_rate,
-                     "n_frames": int(s[0].numel()), **q})
+    for i, (it, s, w, h, wer, sim, q) in enumerate(zip(items, samples, wavs, hyps, wers, sims, scores)):
+        rows.append({"id": it.id, "text": it.text, "speaker": it.speaker, "hypothesis": h, "wer": wer,
+                     "sim": float(sim), "duration": len(w) / codec.sample_rate, "n_frames": int(s[0].numel()),
+                     "codes": s[0].tolist(), "prompt_id": it.prompt_id, **q})
         if save_audio_dir is not None and i < save_n and len(w):
             save_audio(Path(save_audio_dir) / f"{it.id}.wav", w, codec.sample_rate)
     summary = {
@@ -109,42 +111,72 @@ def score_wavs(wavs: list[np.ndarray], sample_rate: int, texts: list[str], refs:
     ``speaker.sample_rate``. Returns ({wer: corpus WER, sim: mean SIM}, B hypotheses, B SIMs).
     """
     from eval.asr import corpus_wer
+    from eval.scorers import resample_all
 
-    hyps = asr.transcribe([resample(w, sample_rate, asr.sample_rate) if len(w) else w for w in wavs])
-    sims = np.asarray(speaker.similarity([resample(w, sample_rate, speaker.sample_rate) if len(w) else w
-                                          for w in wavs], refs))
+    hyps = asr.transcribe(resample_all(wavs, sample_rate, asr.sample_rate))
+    sims = np.asarray(speaker.similarity(resample_all(wavs, sample_rate, speaker.sample_rate), refs))
     return {"wer": round(corpus_wer(texts, hyps), 4), "sim": round(float(sims.mean()), 4)}, hyps, sims
 
 
-def evaluate_manifest(policy_dir: str, manifest: str, out: str, *, asr_name: str = "pocketsphinx",
-                      speaker_name: str = "resemblyzer", temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0,
-                      seed: int = 0, batch_size: int = 16, device: str = "cpu", quality_name: str = "dnsmos_p808",
-                      asr_kwargs: dict | None = None, speaker_kwargs: dict | None = None,
-                      prompt_min_seconds: float = 3.0) -> dict:
+def check_items(policy, items: list[EvalItem], max_seconds: float) -> tuple[list[EvalItem], list[dict]]:
+    """Guard the inputs before any model work: (items that can be evaluated, skips with their reasons).
+
+    An item is skipped when its text is empty or too long for the policy, or when its prompt or reference
+    recording is missing, unreadable, empty or longer than ``max_seconds``. Good items get their prompt
+    encoded here, so nothing is read twice.
+    """
+    from models.audio import AudioError
+
+    codec = policy.codec
+    good, skips = [], []
+    for it in items:
+        problem = policy.text_problem(it.text)
+        if problem is None:
+            try:
+                load_audio(it.audio, 16000, max_seconds)  # the reference: readable and bounded
+                if it.prompt_codes is None:
+                    it.prompt_codes = codec.encode(load_audio(it.prompt_audio, codec.sample_rate, max_seconds))
+            except AudioError as e:
+                problem = str(e)
+        if problem is None:
+            good.append(it)
+        else:
+            skips.append({"id": it.id, "reason": problem})
+            log.warning("eval: skipping %s: %s", it.id, problem)
+    return good, skips
+
+
+def evaluate_manifest(policy_dir: str, manifest: str, out: str, *, ecfg: "EvalConfig | None" = None,
+                      seed: int = 0, device: str = "cpu", max_seconds: float = 30.0) -> dict:
     """``speechalign eval``: evaluate any policy directory on any manifest; writes ``out`` (JSON).
 
     Manifest rows: ``{id, text, speaker, audio, prompt_audio, prompt_text}`` (paths relative to the
     manifest). Rows without ``prompt_audio`` get another utterance of the same speaker as prompt
-    (at least ``prompt_min_seconds`` long when the speaker has one).
+    (at least ``eval.prompt_min_seconds`` long when the speaker has one). ``ecfg``: the judges and the
+    sampling settings (an ``eval:`` section; default ``EvalConfig()``). Rows that cannot be evaluated
+    (``check_items``: text too long or empty, prompt or reference unreadable or over ``max_seconds``) are
+    listed under ``skipped`` with their reasons; the others are scored.
     """
     import json
 
-    from align.data import atomic_write_text, choose_prompt, load_manifest
-    from eval.asr import build_asr
-    from eval.quality import build_quality
-    from eval.speaker import build_speaker_encoder
+    from eval.scorers import EvalConfig, build_scorers
     from models.codec_lm import Policy
+    from models.data import choose_prompt, load_manifest
+    from models.io import atomic_write_text
 
+    ecfg = ecfg or EvalConfig()
     utts, skips = load_manifest(manifest)
     items = [EvalItem(u.id, u.text, u.speaker, u.audio,
-                      u.prompt_audio or choose_prompt(u, utts, seed, min_seconds=prompt_min_seconds).audio)
+                      u.prompt_audio or choose_prompt(u, utts, seed, min_seconds=ecfg.prompt_min_seconds).audio)
              for u in utts]
     policy = Policy.load(policy_dir, device=device)
-    summary, rows = evaluate_policy(policy, items, asr=build_asr(asr_name, **(asr_kwargs or {})),
-                                    speaker=build_speaker_encoder(speaker_name, **(speaker_kwargs or {})),
-                                    quality=build_quality(quality_name), temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed, batch_size=batch_size)
-    result = dict(summary, policy=str(policy_dir), manifest=str(manifest), skipped=[s.__dict__ for s in skips],
-                  rows=rows)
+    items, bad = check_items(policy, items, max_seconds)
+    skipped = [s.__dict__ for s in skips] + bad
+    if not items:
+        raise ValueError(f"{manifest}: no row can be evaluated ({len(skipped)} skipped; first: "
+                         f"{skipped[0]['id'] if skipped else '-'}: {skipped[0]['reason'] if skipped else 'empty manifest'})")
+    summary, rows = evaluate_policy(policy, items, scorers=build_scorers(ecfg, device), temperature=ecfg.temperature,
+                                    top_k=ecfg.top_k, top_p=ecfg.top_p, seed=seed, batch_size=ecfg.batch_size)
+    result = dict(summary, policy=str(policy_dir), manifest=str(manifest), skipped=skipped, rows=rows)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return result

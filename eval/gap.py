@@ -99,7 +99,7 @@ def completion_logprobs(policy, texts: list[str], prompts: list[torch.Tensor], s
     texts: N strings; prompts: N LongTensors [n_q, Tp] (full prompt codes); seqs: N code sequences [T_i].
     Log-probs are over the tokens the policy may emit (codec tokens and ``<eos>``), as it samples.
     """
-    from models.codec_lm import prompt_str
+    from models.layout import prompt_str
 
     lm, tok = policy.lm.eval(), policy.tokenizer
     device = next(lm.parameters()).device

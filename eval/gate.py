@@ -19,9 +19,43 @@ from pathlib import Path
 
 import pandas as pd
 
-from align.config import GATE_DIRECTIONS, GateConfig
-
 log = logging.getLogger("speechalign.eval")
+
+# Which way is better, per gated metric: +1 = higher is better, -1 = lower is better.
+GATE_DIRECTIONS = {"wer": -1, "sim": +1, "dnsmos": +1}
+
+
+@dataclass
+class GateConfig:
+    """``speechalign gate``: when a run's final round counts as a regression against a baseline.
+
+    A metric fails when the whole bootstrap CI of (run - baseline), oriented so that positive means
+    worse, lies above its tolerance: noise (a CI that reaches below the tolerance) passes.
+    """
+
+    metrics: list[str] = field(default_factory=lambda: ["wer", "sim"], metadata={
+        "help": f"metrics the gate checks (any of {sorted(GATE_DIRECTIONS)}; dnsmos only where rows carry it)"})
+    wer_tolerance: float = field(default=0.05, metadata={
+        "help": "corpus-WER increase (absolute, 0.05 = 5 points) allowed beyond the CI"})
+    sim_tolerance: float = field(default=0.02, metadata={"help": "mean speaker-SIM decrease allowed beyond the CI"})
+    dnsmos_tolerance: float = field(default=0.1, metadata={"help": "mean DNSMOS decrease allowed beyond the CI"})
+    confidence: float = field(default=0.95, metadata={"help": "two-sided bootstrap CI level"})
+    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
+    seed: int = field(default=0, metadata={"help": "bootstrap seed (the gate is deterministic for a seed)"})
+
+    def __post_init__(self):
+        unknown = sorted(set(self.metrics) - set(GATE_DIRECTIONS))
+        if unknown or not self.metrics:
+            raise ValueError(f"gate.metrics={self.metrics}: choose a non-empty subset of {sorted(GATE_DIRECTIONS)}")
+        if min(self.wer_tolerance, self.sim_tolerance, self.dnsmos_tolerance) < 0:
+            raise ValueError("gate tolerances must be >= 0 (0 = any significant regression fails)")
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError(f"gate.confidence={self.confidence} must be in [0.5, 1), e.g. 0.95")
+        if self.n_boot < 100:
+            raise ValueError(f"gate.n_boot={self.n_boot} is too few for a CI; use >= 100 (default 2000)")
+
+    def tolerance(self, metric: str) -> float:
+        return getattr(self, f"{metric}_tolerance")
 
 
 def final_round(run_dir: str | Path, round_: int | None = None) -> tuple[int, pd.DataFrame]:
@@ -38,7 +72,7 @@ def final_round(run_dir: str | Path, round_: int | None = None) -> tuple[int, pd
 
 def write_baseline(run_dir: str | Path, out: str | Path, round_: int | None = None) -> Path:
     """Save a run's final-round rows (and means) as a gate baseline JSON; returns its path."""
-    from align.io import atomic_write_text
+    from models.io import atomic_write_text
     from eval.stats import METRICS, available, metric_arrays
 
     k, rows = final_round(run_dir, round_)

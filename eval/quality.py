@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.audio import check_mono, is_silent_or_short
+from models.audio import check_mono, is_silent_or_short
 
 log = logging.getLogger("speechalign.eval.quality")
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from models.rundir import RunLayout
+
 log = logging.getLogger("speechalign.eval")
 
 CSS = """
@@ -99,28 +101,20 @@ def _figure(path: Path, caption: str, root: Path) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
-def _recordings(run_dir: Path, rows: pd.DataFrame) -> dict[str, tuple[str | None, str | None]]:
-    """{id: (golden audio path, prompt audio path)} from the rows, or rebuilt from the run's config
-    for runs evaluated before rows recorded them."""
+def _recordings(rows: pd.DataFrame) -> dict[str, tuple[str | None, str | None]]:
+    """{id: (golden audio path, prompt audio path)} as the evaluation rows recorded them.
+
+    Rows of runs evaluated before rows carried the paths have none: the page then shows the outputs
+    only, and says so in the log (the report reads files; it never rebuilds a run's data).
+    """
     out = {}
     for r in rows.itertuples(index=False):
         if getattr(r, "audio", None):
             out[r.id] = (r.audio, r.prompt_audio)
     missing = [i for i in rows["id"].unique() if i not in out]
-    if missing and (run_dir / "config.yaml").is_file():
-        try:
-            from align.config import load_config
-            from align.run import Context
-
-            cfg = load_config(run_dir / "config.yaml")
-            ctx = Context(cfg, None)
-            test = {u.id: u for u in ctx.splits.test}
-            for i in missing:
-                if i in test:
-                    out[i] = (test[i].audio, ctx.prompt_for(test[i], ctx.splits.test).audio)
-        except (ValueError, OSError) as e:
-            log.warning("report: cannot locate golden/prompt recordings of %s (%s); the page shows outputs only",
-                        run_dir, e)
+    if missing:
+        log.warning("report: %d utterances have no recorded golden/prompt paths (rows from older code); the page "
+                    "shows their outputs only", len(missing))
     return out
 
 
@@ -155,7 +149,7 @@ def _gap_section(cmp, run_dir: Path, out: Path, fig_dir: Path) -> list[str]:
     p = fig_dir / "gap.png"
     figs.append(_figure(p, plots.gap_vs_round(t, p), out))
     for k in g["round"]:
-        gj = run_dir / f"round_{int(k):03d}" / "eval" / "gap.json"
+        gj = RunLayout(run_dir).eval_dir(int(k)) / "gap.json"
         if gj.is_file():
             p = fig_dir / f"gap_pca_r{int(k)}.png"
             figs.append(_figure(p, plots.gap_projection(json.loads(gj.read_text()), p, int(k)), out))
@@ -167,8 +161,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_li
     """Write the run's HTML report; returns the path of ``index.html``."""
     from tqdm import tqdm
 
-    from align.io import atomic_write_text
+    from models.io import atomic_write_text
     from eval.compare import build_comparison, figures
+    from eval.listen import report_section
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
@@ -186,12 +181,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_li
     # Listening: the utterances whose output was saved, in eval order (the same ids every round).
     saved = {}
     for k in rounds:
-        wav_dir = run_dir / f"round_{k:03d}" / "eval" / "audio"
+        wav_dir = RunLayout(run_dir).eval_dir(k) / "audio"
         for w in wav_dir.glob("*.wav") if wav_dir.is_dir() else []:
             saved.setdefault(w.stem, {})[k] = Path(os.path.relpath(w.resolve(), out.resolve())).as_posix()
     r0 = utts[utts["round"] == rounds[0]].sort_values("item")
     listen_ids = [i for i in r0["id"] if i in saved][:n_listen]
-    recordings = _recordings(run_dir, utts[utts["id"].isin(listen_ids)])
+    recordings = _recordings(utts[utts["id"].isin(listen_ids)])
     listen_rows = []
     for uid in listen_ids:
         gold, prompt = recordings.get(uid, (None, None))
@@ -250,6 +245,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_li
         "conditioned on (its first policy.prompt_seconds), then each round's synthesis with its ASR hypothesis and "
         "scores. <span id=\"player-status\">audio players not checked yet (JavaScript off?)</span></p>",
         f"<table id=\"listen-table\"><thead>{listen_head}</thead><tbody>{''.join(listen_rows)}</tbody></table>",
+        report_section(run_dir),
         "<h2>Per-utterance results</h2>", *per_round,
     ]
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>speechalign {_e(run_dir.name)}</title>"

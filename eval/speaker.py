@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import torch
 
-from align.audio import check_mono, is_silent_or_short
+from models.audio import check_mono, is_silent_or_short
 
 log = logging.getLogger("speechalign.eval.speaker")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from align.io import atomic_write_text
+from models.io import atomic_write_text
 
 log = logging.getLogger("speechalign.eval")
 
@@ -51,7 +51,7 @@ def rows_frame(rows: list[dict], run: str = "", round_: int | None = None) -> pd
     Missing optional keys become NaN/empty; ``ref_words``/``errors`` are derived from the text and
     the per-utterance WER with the same normaliser the ASR scorer uses.
     """
-    from eval.text import normalize_text
+    from models.text import normalize_text
 
     df = pd.DataFrame(rows)
     if df.empty:

@@ -65,7 +65,10 @@ class CodecConfig:
     checkpoint: str | None = field(default=None, metadata={
         "help": "encodec: a local encodec_24khz state dict (.th/.pt/.safetensors), or 'hub' for the copy in the "
                 "torch hub cache (never downloaded); speechtokenizer: its checkpoint (SpeechTokenizer.pt or "
-                ".safetensors). null = random weights (tests only)"})
+                ".safetensors). null = random weights, refused unless allow_random_weights"})
+    allow_random_weights: bool = field(default=False, metadata={
+        "help": "encodec/speechtokenizer: let codec.checkpoint: null build a codec with random weights (tests and "
+                "smoke runs only: every figure it yields is meaningless). Off: a missing checkpoint is an error"})
     config_path: str | None = field(default=None, metadata={
         "help": "speechtokenizer: the model's config.json (from the same release as the checkpoint)"})
     bandwidth: float = field(default=6.0, metadata={
@@ -340,7 +343,7 @@ class EncodecCodec:
             if cfg.checkpoint is not None:
                 model.load_state_dict(_load_state_dict(encodec_checkpoint_path(cfg.checkpoint)))
             else:
-                log.warning("encodec codec has random weights (codec.checkpoint unset): fine for tests only")
+                _random_weights_or_refuse(cfg)
         model.set_target_bandwidth(cfg.bandwidth)
         self.model = model.eval()
         self.sample_rate = model.sample_rate
@@ -451,7 +454,7 @@ class SpeechTokenizerCodec:
             # SpeechTokenizer.load_from_checkpoint does the same with an unrestricted torch.load.
             model.load_state_dict(_load_state_dict(cfg.checkpoint))
         else:
-            log.warning("speechtokenizer codec has random weights (codec.checkpoint unset): fine for tests only")
+            _random_weights_or_refuse(cfg)
         return model
 
     def encode(self, wav: np.ndarray) -> torch.LongTensor:
@@ -518,6 +521,21 @@ def level_bands(cfg: CodecConfig) -> list[tuple[int, int]]:
     n_full = min(cfg.full_levels, cfg.n_q)
     edges = np.linspace(0, cfg.n_mels, cfg.n_q - n_full + 1).round().astype(int)
     return [(0, cfg.n_mels)] * n_full + [(int(edges[b]), int(edges[b + 1])) for b in range(cfg.n_q - n_full)]
+
+
+def _random_weights_or_refuse(cfg: CodecConfig) -> None:
+    """A pretrained-codec backend without a checkpoint: refuse, unless the config allows random weights."""
+    if not cfg.allow_random_weights:
+        raise ValueError(f"codec.backend={cfg.backend} has codec.checkpoint unset, which would run the whole experiment "
+                         "on a codec with RANDOM weights; set codec.checkpoint to the released weights (see the README's "
+                         "'Real checkpoints'), or codec.allow_random_weights=true for a test")
+    log.warning("%s codec has random weights (codec.checkpoint unset, allow_random_weights): fine for tests only",
+                cfg.backend)
+
+
+def prompt_frames(seconds: float, frame_rate: float) -> int:
+    """Codec frames of a ``seconds``-long voice prompt: at least one, so a prompt is never empty."""
+    return max(1, int(round(seconds * frame_rate)))
 
 
 def codec_sample_rate(cfg: CodecConfig) -> int:

@@ -2,7 +2,7 @@
 
 An autoregressive transformers causal LM (Llama) over one joint vocabulary of special tokens,
 text characters and RVQ-1 codec tokens, plus the NAR model for RVQ 2..n_q and the codec that turns
-codes into audio. A sequence reads::
+codes into audio. A sequence reads (models/layout.py)::
 
     <bos> <prompt> <a12> <a7> ... <text> t h e | c a t <speech> <a3> <a3> ... <eos>
           \\_ voice prompt: RVQ-1 of another   \\_ text, one token   \\_ RVQ-1 of the
@@ -21,38 +21,19 @@ A policy directory (what every round writes and ``Policy.load`` reads)::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from models.codec import Codec, load_codec
+from models.codec import Codec, load_codec, prompt_frames
+from models.layout import LAYOUT_VERSION, TEXT_FRONTENDS, SequenceFormat, codec_token, format_for, text_length, with_hint
 from models.nar import NAR_KINDS, NARModel, load_nar
 
 log = logging.getLogger("speechalign.policy")
-
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<prompt>", "<text>", "<speech>"]
-TEXT_CHARS = list("abcdefghijklmnopqrstuvwxyz'") + ["|"]  # '|' marks a word boundary
-# ARPAbet phones (no stress), as in the CMU dictionary that the pocketsphinx package ships.
-PHONES = ["AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH", "IH", "IY",
-          "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH", "UW", "V", "W", "Y",
-          "Z", "ZH"]
-TEXT_FRONTENDS = ("chars", "phones")
-LAYOUT_VERSION = 1
-
-
-def codec_token(i: int) -> str:
-    return f"<a{i}>"
-
-
-_CODE_RE = re.compile(r"<a(\d+)>")
-
 
 @dataclass
 class PolicyConfig:
@@ -95,150 +76,6 @@ AR_SIZES = {
     "paper": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=32),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Vocabulary and sequence layout
-# ---------------------------------------------------------------------------------------------
-def build_tokenizer(codebook_size: int):
-    """A word-level ``PreTrainedTokenizerFast``: specials, characters, phones, ``<a0>``..``<a{K-1}>``.
-
-    Pre-tokenisation splits on whitespace and then isolates every ``<...>`` token, every run of
-    capitals (a phone) and every other character, so ``"<speech><a1>"`` and ``"c a t"`` tokenize
-    the same with or without spaces.
-    """
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TEXT_CHARS + PHONES +
-                                             [codec_token(i) for i in range(codebook_size)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex(r"<[^<>\s]+>|[A-Z]+|[^<]"), behavior="isolated"),
-    ])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<prompt>", "<text>", "<speech>"], padding_side="left")
-
-
-def text_to_tokens(text: str, frontend: str = "chars") -> str:
-    """Normalised text as space-separated tokens, ``|`` between words.
-
-    chars: ``"h i | t h e r e"``; phones: ``"HH AY | DH EH R"`` (letters for words the dictionary lacks).
-    """
-    from eval.text import normalize_text
-
-    words = ["".join(ch for ch in w if ch in TEXT_CHARS) for w in normalize_text(text).split()]
-    words = [w for w in words if w]
-    if not words:
-        raise ValueError(f"text {text!r} has no speakable characters (a-z and ')")
-    if frontend == "phones":
-        lexicon = _cmudict()
-        return " | ".join(" ".join(lexicon.get(w) or w) for w in words)
-    if frontend != "chars":
-        raise ValueError(f"text frontend {frontend!r} unknown; choose one of {TEXT_FRONTENDS}")
-    return " | ".join(" ".join(w) for w in words)
-
-
-@functools.lru_cache(maxsize=1)
-def _cmudict() -> dict[str, list[str]]:
-    """word -> ARPAbet phones (first pronunciation), from the dictionary inside the pocketsphinx package."""
-    import pocketsphinx
-
-    path = Path(pocketsphinx.get_model_path()) / "en-us" / "cmudict-en-us.dict"
-    lexicon: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        word, *phones = line.split()
-        if "(" not in word:  # "read(2)" and the like are alternative pronunciations
-            lexicon[word] = [p.rstrip("012") for p in phones]
-    return lexicon
-
-
-def text_length(text: str, frontend: str = "chars") -> int:
-    """Number of text tokens of ``text`` (what frames-per-token length estimates are relative to)."""
-    return len(text_to_tokens(text, frontend).split())
-
-
-def codes_to_str(codes) -> str:
-    """RVQ-1 codes: LongTensor/array [T] -> ``"<a3> <a17> ..."``."""
-    return " ".join(codec_token(int(c)) for c in codes)
-
-
-def prompt_str(prompt_codes, text: str, frontend: str = "chars") -> str:
-    """The conditioning part of a sequence, ending with ``<speech>`` (DPO's ``prompt`` column)."""
-    return f"<bos> <prompt> {codes_to_str(prompt_codes)} <text> {text_to_tokens(text, frontend)} <speech>"
-
-
-def with_hint(prompt: str, hint: str | None) -> str:
-    """Chain-of-Hindsight: put a quality hint token (``<good>``/``<bad>``) just before ``<speech>``."""
-    if not hint:
-        return prompt
-    if not prompt.endswith("<speech>"):
-        raise ValueError(f"a hint goes before the final <speech> token; got a prompt ending {prompt[-20:]!r}")
-    return f"{prompt[: -len('<speech>')]}{hint} <speech>"
-
-
-def completion_str(codes) -> str:
-    """The speech part (DPO's ``chosen``/``rejected``): leading space, codes, ``<eos>``."""
-    return f" {codes_to_str(codes)} <eos>"
-
-
-def parse_codes(s: str) -> torch.LongTensor:
-    """Inverse of ``codes_to_str``; stops at ``<eos>``. Returns LongTensor [T]."""
-    s = s.split("<eos>")[0]
-    return torch.tensor([int(m) for m in _CODE_RE.findall(s)], dtype=torch.long)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sequence formats: how a policy writes (text, voice prompt) -> speech as one token string.
-# A policy directory names its format in speechalign.json ("format"; absent = "codec_lm");
-# Policy.generate and the pair stage go through it, so any plain-text LM layout can be aligned.
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SequenceFormat:
-    """One sequence layout: DPO's prompt/completion strings and how generated speech is read back."""
-
-    name: str
-    prompt_str: Callable[..., str]        # (prompt_codes [Tp], text) -> prompt
-    completion_str: Callable[..., str]    # (codes [T]) -> completion (DPO chosen/rejected)
-    parse_codes: Callable[[str], torch.LongTensor]  # generated token string -> codes [T]
-    speech_tokens: Callable[[int], list[str]]       # codebook_size -> tokens generation may emit
-    stop_tokens: list[str]                          # tokens that end generation
-
-
-CODEC_LM_FORMAT = SequenceFormat(name="codec_lm", prompt_str=prompt_str, completion_str=completion_str,
-                                 parse_codes=parse_codes,
-                                 speech_tokens=lambda k: [codec_token(i) for i in range(k)], stop_tokens=["<eos>"])
-# name -> "module:factory" (imported lazily: a format's module may import this one)
-SEQUENCE_FORMATS = {"codec_lm": "models.codec_lm:_codec_lm_format", "speechgpt": "models.speechgpt:speechgpt_format"}
-
-
-def _codec_lm_format() -> SequenceFormat:
-    return CODEC_LM_FORMAT
-
-
-def get_format(name: str) -> SequenceFormat:
-    import importlib
-
-    if name not in SEQUENCE_FORMATS:
-        raise ValueError(f"sequence format {name!r} unknown; known: {sorted(SEQUENCE_FORMATS)}")
-    module, factory = SEQUENCE_FORMATS[name].split(":")
-    return getattr(importlib.import_module(module), factory)()
-
-
-def format_for(meta: dict) -> SequenceFormat:
-    """The sequence format a policy's meta declares (``format``, default codec_lm), with its text frontend."""
-    fmt = get_format(meta.get("format", "codec_lm"))
-    frontend = meta.get("text_frontend", "chars")
-    if fmt.name == "codec_lm" and frontend != "chars":
-        fmt = dataclasses.replace(fmt, prompt_str=functools.partial(prompt_str, frontend=frontend))
-    return fmt
-
-
-def format_of(policy_dir: str | Path) -> SequenceFormat:
-    """The sequence format a policy directory declares in its speechalign.json."""
-    return format_for(json.loads((Path(policy_dir) / "speechalign.json").read_text()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,13 +127,13 @@ class Policy:
 
     def prompt_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Trim a prompt utterance's codes [n_q, T] to the policy's prompt length -> [n_q, Tp]."""
-        n = max(1, int(round(self.meta["prompt_seconds"] * self.codec.frame_rate)))
+        n = prompt_frames(self.meta["prompt_seconds"], self.codec.frame_rate)
         return codes[:, :n]
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the policy directory atomically (temp dir, then rename)."""
-        from align.io import atomic_dir
+        from models.io import atomic_dir
 
         with atomic_dir(path) as tmp:
             self.lm.save_pretrained(tmp, safe_serialization=True)
@@ -337,8 +174,13 @@ class Policy:
             from models.reward import BestOfN
 
             reranker = BestOfN.load(path / "reward_model", device)
-        return cls(lm=lm, tokenizer=tokenizer, nar=nar, codec=load_codec(path / "codec"), meta=meta, flow=flow,
-                   reranker=reranker)
+        codec = load_codec(path / "codec")
+        # (a HuBERT-unit SpeechGPT policy speaks through its unit vocoder, not the codec's levels)
+        if nar is None and flow is None and codec.n_q > 1 and meta.get("unit_vocoder", "codec") == "codec":
+            raise ValueError(f"{path}: the codec has {codec.n_q} levels but the policy has no nar/ folder (nor a flow), "
+                             "so it could only render RVQ-1 alone and every score would be of that; copy the round's "
+                             "whole policy/ directory, or re-run its base stage")
+        return cls(lm=lm, tokenizer=tokenizer, nar=nar, codec=codec, meta=meta, flow=flow, reranker=reranker)
 
     def conditioning(self, prompt_codes: torch.Tensor, text: str) -> str:
         """The prompt string for (full prompt codes [n_q, Tp], text), with the policy's quality hint if any."""
@@ -356,6 +198,9 @@ class Policy:
         Deterministic for a given seed and batch_size. A policy with a ``reranker`` draws
         ``reranker.n`` samples per returned one and keeps the best by its reward model.
         """
+        for t in texts:  # refuse before any model work: one huge text would size every batch's attention
+            if text_length(t, self.text_frontend) > self.max_text_tokens:
+                raise ValueError(f"cannot speak {t[:60]!r}{'...' if len(t) > 60 else ''}: {self.text_problem(t)}")
         if self.reranker is not None:
             many = self._sample(texts, prompts, n=n * self.reranker.n, temperature=temperature, top_k=top_k,
                                 top_p=top_p, batch_size=batch_size, seed=seed, progress=progress)
@@ -363,6 +208,27 @@ class Policy:
                                       expected_frames=[self.expected_frames(t) for t in texts])
         return self._sample(texts, prompts, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
                             batch_size=batch_size, seed=seed, progress=progress)
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Longest text (in text tokens) the LM's positions leave room for, beside the longest prompt and the
+        longest speech it may generate; longer texts are refused before any model work (a 5,000-word text
+        would otherwise ask the attention for gigabytes)."""
+        n_positions = int(getattr(self.lm.config, "max_position_embeddings", 2048))
+        max_frames = int(self.meta.get("max_seconds", 6.0) * self.codec.frame_rate)
+        specials = 8  # <bos> <prompt> <text> <speech> <eos> and a hint, with room to spare
+        return max(0, n_positions - prompt_frames(self.meta["prompt_seconds"], self.codec.frame_rate) - max_frames
+                   - specials)
+
+    def text_problem(self, text: str) -> str | None:
+        """Why this policy cannot speak ``text`` (empty, or longer than ``max_text_tokens``); None when it can."""
+        n = text_length(text, self.text_frontend)
+        if n == 0:
+            return "the text is empty after normalisation"
+        if n > self.max_text_tokens:
+            return (f"the text is {n} tokens long; this policy takes at most {self.max_text_tokens} "
+                    "(split it into sentences)")
+        return None
 
     def expected_frames(self, text: str) -> float:
         """Frames a golden utterance of ``text`` takes on average: text tokens x the training data's
@@ -420,11 +286,13 @@ class Policy:
             return np.zeros(0, dtype=np.float32)
         if self.flow is not None:
             return self.flow.render(self.codec, first, self.prompt_codes(prompt))
-        if self.nar is not None and self.codec.n_q > 1:
-            device = next(self.nar.parameters()).device
-            codes = self.nar.generate(self.prompt_codes(prompt).to(device), first.to(device)).cpu()
-        else:
-            codes = first[None]
+        if self.codec.n_q == 1:
+            return self.codec.decode(first[None])
+        if self.nar is None:
+            raise ValueError(f"this policy has no NAR for levels 2..{self.codec.n_q}: rendering RVQ-1 alone would be "
+                             "scored as if it were the policy's speech; load a policy directory with its nar/ folder")
+        device = next(self.nar.parameters()).device
+        codes = self.nar.generate(self.prompt_codes(prompt).to(device), first.to(device)).cpu()
         return self.codec.decode(codes)
 
     def n_parameters(self) -> int:

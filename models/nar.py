@@ -288,11 +288,3 @@ def nar_batch(items: list[tuple[torch.Tensor, torch.Tensor]]):
         pm[i, : p.shape[1]] = True
         tm[i, : t.shape[1]] = True
     return prompt, target, pm, tm
-
-
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Learning-rate multiplier: linear warm-up then cosine decay to 10%."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -16,8 +16,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from models.optim import tail_mean
 
 log = logging.getLogger("speechalign.reward")
 
@@ -61,7 +62,7 @@ class RewardModel:
         self.tokenizer = tokenizer
 
     def save(self, path: str | Path) -> None:
-        from align.io import atomic_dir
+        from models.io import atomic_dir
 
         with atomic_dir(path) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
@@ -97,7 +98,7 @@ class RewardModel:
 
     def score(self, prompts: list[str], codes: list) -> torch.Tensor:
         """prompts: B prompt strings (ending ``<speech>``); codes: B RVQ-1 code sequences [T_i] -> FloatTensor [B]."""
-        from models.codec_lm import completion_str
+        from models.layout import completion_str
 
         tok = self.tokenizer
         seqs = [tok(p + completion_str(c), add_special_tokens=False)["input_ids"] for p, c in zip(prompts, codes)]
@@ -132,14 +133,8 @@ def train_reward_model(policy, pairs: list[dict], rcfg: RewardConfig, work_dir: 
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
-    tail = history[-max(1, len(history) // 5):]
-
-    def mean(key):
-        vals = [h[key] for h in tail if key in h]
-        return float(np.mean(vals)) if vals else None
-
-    stats = {"rm_steps": rcfg.steps, "rm_loss": mean("loss"), "rm_accuracy": mean("accuracy"),
-             "rm_margin": mean("margin"), "rm_pairs": len(pairs)}
+    stats = {"rm_steps": rcfg.steps, "rm_loss": tail_mean(history, "loss"), "rm_accuracy": tail_mean(history, "accuracy"),
+             "rm_margin": tail_mean(history, "margin"), "rm_pairs": len(pairs)}
     log.info("reward model: loss %.4f accuracy %.3f", stats["rm_loss"] or float("nan"),
              stats["rm_accuracy"] or float("nan"))
     return RewardModel(trainer.model.cpu(), tok), stats

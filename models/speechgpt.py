@@ -479,7 +479,7 @@ def tts_completion(codes) -> str:
 
 
 def speechgpt_format():
-    from models.codec_lm import SequenceFormat
+    from models.layout import SequenceFormat
 
     return SequenceFormat(name="speechgpt", prompt_str=tts_prompt, completion_str=tts_completion,
                           parse_codes=parse_units, speech_tokens=lambda k: [SOSP] + [unit_token(i) for i in range(k)],

@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import torch
 
 from align.config import load_config
-from align.data import Utterance
+from models.data import Utterance
 from models.codec import CodecConfig, MelRVQCodec
-from models.codec_lm import Policy, build_tokenizer
+from models.codec_lm import Policy
+from models.layout import build_tokenizer
+from models.rundir import RunLayout
 
 K = 16
 
@@ -43,15 +45,8 @@ def corrupted(codes: list[int], rng: random.Random) -> list[int]:
     return [rng.randrange(K) for _ in codes]
 
 
-class FakeRun:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def round_dir(self, k: int) -> Path:
-        return self.root / f"round_{k:03d}"
-
-    def policy_dir(self, k: int) -> Path:
-        return self.round_dir(k) / "policy"
+class FakeRun(RunLayout):
+    """The run directory's paths, without a config, state or log."""
 
 
 class FakeContext:
@@ -88,8 +83,8 @@ class FakeContext:
         return rows
 
     def write_samples(self, k: int, rows: list[dict]) -> None:
-        from align.run import write_jsonl
+        from models.io import write_jsonl
 
-        d = self.run.round_dir(k) / "samples"
+        d = self.run.samples_dir(k)
         d.mkdir(parents=True, exist_ok=True)
         write_jsonl(d / "samples.jsonl", rows)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from align.audio import AudioError, is_silent_or_short, load_audio, resample, save_audio
+from models.audio import AudioError, is_silent_or_short, load_audio, resample, save_audio
 
 
 def _sine(freq: float, sr: int, seconds: float, amp: float = 0.5) -> np.ndarray:

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from align.audio import load_audio
-from align.data import load_manifest
+from models.audio import load_audio
+from models.data import load_manifest
 from models.codec import CodecConfig, EncodecCodec, MelRVQCodec, load_codec
 
 
@@ -44,7 +44,7 @@ def test_mel_rvq_shapes_and_save_load(real_wavs, tmp_path):
 
 
 def test_encodec_random_init_round_trip(tmp_path):
-    codec = EncodecCodec(CodecConfig(backend="encodec", bandwidth=1.5))
+    codec = EncodecCodec(CodecConfig(backend="encodec", bandwidth=1.5, allow_random_weights=True))
     assert codec.sample_rate == 24000 and codec.frame_rate == 75 and codec.n_q == 2 and codec.codebook_size == 1024
     wav = (0.1 * np.sin(np.linspace(0, 400, 24000))).astype(np.float32)
     codes = codec.encode(wav)
@@ -107,3 +107,10 @@ def test_mel_consistent_griffin_lim_holds_the_decoded_mel(real_wavs):
         speech = target > target.max() - 6.0  # compare where there is signal, not the -11.5 floor
         errors[warmup] = float(((again - target)[speech] ** 2).mean())
     assert errors[16] < 0.8 * errors[64], errors
+
+
+def test_pretrained_codec_without_checkpoint_refuses_random_weights():
+    """codec.checkpoint: null used to run a whole experiment on a random-weight EnCodec after a warning."""
+    with pytest.raises(ValueError, match="RANDOM weights.*allow_random_weights=true"):
+        EncodecCodec(CodecConfig(backend="encodec", bandwidth=1.5))
+    assert EncodecCodec(CodecConfig(backend="encodec", bandwidth=1.5, allow_random_weights=True)).n_q == 2

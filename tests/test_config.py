@@ -31,7 +31,6 @@ def test_unknown_key_names_the_key(tmp_path):
 
 @pytest.mark.parametrize("override, match", [
     ("dpo.beta=-1", "dpo.beta"),
-    ("dpo.loss_type=magic", "loss_type"),
     ("rounds=two", "rounds"),
     ("codec.backend=mp3", "codec.backend"),
     ("policy.size=huge", "policy.size"),
@@ -86,3 +85,96 @@ def test_resume_accepts_a_config_saved_before_new_options_existed(tmp_path):
     RunDir(cfg)  # no error
     with pytest.raises(ValueError, match="different config"):
         RunDir(load_config(None, [f"out_dir={tmp_path}", "name=old", "dpo.beta=0.3"]))
+
+
+def test_registries_match_the_schema_choices():
+    """Each Literal choice of the schema names a registered implementation, and every registered one is a choice."""
+    from typing import get_args
+
+    from align import config as C
+    from align.base import BASE_STAGES, base_stage
+    from align.methods import METHODS
+    from align.pairs import PAIR_STRATEGIES, SCORERS
+    from eval.asr import ASR_BACKENDS
+    from eval.quality import QUALITY_MODELS
+    from eval.scorers import AsrName, QualityName, SpeakerName
+    from eval.speaker import SPEAKER_ENCODERS
+
+    assert set(get_args(C.BaseStageName)) == set(BASE_STAGES)
+    assert all(callable(base_stage(name)) for name in BASE_STAGES)
+    assert set(get_args(C.PairStrategyName)) == set(PAIR_STRATEGIES)
+    assert set(get_args(C.PairScorerName)) == set(SCORERS)
+    assert set(get_args(C.MethodName)) == set(METHODS)
+    assert set(get_args(AsrName)) == set(ASR_BACKENDS)
+    assert set(get_args(SpeakerName)) == set(SPEAKER_ENCODERS)
+    assert set(get_args(QualityName)) == set(QUALITY_MODELS) | {"none"}
+
+
+def test_choice_fields_reject_unknown_names_with_the_choices():
+    with pytest.raises(ValueError, match=r"base.stage: 'valle' is not one of \['sft', 'speechgpt', 'speechgpt_gen'\]"):
+        load_config(None, ["base.stage=valle"])
+    with pytest.raises(ValueError, match="pair.strategy"):
+        load_config(None, ["pair.strategy=best"])
+    with pytest.raises(ValueError, match="eval.asr"):
+        load_config(None, ["eval.asr=kaldi"])
+
+
+def test_scorers_of_pairing_rewards_and_evaluation_come_from_one_eval_section(tmp_path, monkeypatch):
+    """A non-default eval.asr_model / eval.speaker reaches pair ranking, GRPO's direct reward and evaluation."""
+    import numpy as np
+
+    import eval.asr
+    import eval.speaker
+    from align import methods, pairs
+    from align.run import Context
+
+    built = []
+
+    class StubASR:
+        sample_rate = 16000
+
+        def transcribe(self, wavs):
+            return ["hello"] * len(wavs)
+
+    class StubSpeaker:
+        sample_rate = 16000
+
+        def similarity(self, wavs, refs):
+            return [0.5] * len(wavs)
+
+    monkeypatch.setitem(eval.asr.ASR_BACKENDS, "pocketsphinx",
+                        lambda **kw: built.append(("asr", kw)) or StubASR())
+    monkeypatch.setitem(eval.speaker.SPEAKER_ENCODERS, "resemblyzer",
+                        lambda **kw: built.append(("speaker", kw)) or StubSpeaker())
+    cfg = load_config(None, [f"out_dir={tmp_path}", "eval.asr_model=/models/my-pocketsphinx", "device=cpu"])
+    ctx = Context(cfg, None)
+
+    class Batch:  # what a pair scorer sees: rendered audio and its rows
+        rows = [{"id": "u1", "text": "hello"}]
+        wavs = [np.zeros(1600, np.float32)]
+        sample_rate = 16000
+
+        def reference_audio(self):
+            return [str(tmp_path / "ref.wav")]
+
+    import soundfile as sf
+
+    sf.write(tmp_path / "ref.wav", np.zeros(8000, np.float32), 16000)
+    assert pairs.SCORERS["wer"](ctx)(Batch()) == [0.0]           # pair ranking
+    assert pairs.SCORERS["sim"](ctx)(Batch()) == [0.5]
+    monkeypatch.setattr(pairs, "SampleBatch", lambda ctx, k, rows: Batch())
+    reward = methods._direct_reward(ctx, 1, policy=None, with_sim=True)  # GRPO's direct reward
+    assert reward(["p"], [[1, 2]], [{"utt_id": "u1", "prompt_id": "u0", "text": "hello"}]) == [0.5]
+    assert ctx.scorers is ctx.scorers                          # evaluation scores with ctx.scorers too
+    # each backend built once, with the configured model, for all three users
+    assert built == [("asr", {"model_dir": "/models/my-pocketsphinx"}), ("speaker", {"device": "cpu"})]
+
+
+def test_unknown_dpo_loss_type_is_refused_before_any_stage_runs(tmp_path):
+    """The schema does not import TRL; the loop checks dpo.loss_type against it before round 0."""
+    from align.loop import run_loop
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "dpo.loss_type=magic"])
+    with pytest.raises(ValueError, match="dpo.loss_type='magic' is not one the installed TRL offers"):
+        run_loop(cfg)
+    assert not (tmp_path / cfg.name).exists()  # nothing was written

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from align.corpus import CorpusConfig, generate_sentences, prepare_corpus, trim_silence
-from align.data import choose_prompt, load_manifest
-from eval.text import normalize_text
+from align.config import CorpusConfig
+from align.corpus import generate_sentences, prepare_corpus, trim_silence
+from models.data import choose_prompt, load_manifest
+from models.text import normalize_text
 
 needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="flite not installed (apt-get install flite)")
 

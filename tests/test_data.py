@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from align.data import (
+from models.data import (
     Skip,
     Utterance,
     choose_prompt,

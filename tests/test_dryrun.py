@@ -117,3 +117,13 @@ def test_speechgpt_base_model_and_hubert_paths_are_checked(no_weights, tmp_path)
     expected = llama_params(96, 192, 3, 4, 2, vocab_size=500 + 1000 + 9)
     assert any(f"Llama 3 x 96" in line and f"{expected / 1e6:.1f} M params" in line for line in plan.lines), \
         plan.render()
+
+
+def test_a_random_weight_codec_is_a_problem_unless_allowed(no_weights, tmp_path):
+    cfg = load_config(REPO_CONFIGS / "tiny.yaml", [f"out_dir={tmp_path}", "codec.backend=encodec"])
+    plan = build_plan(cfg)
+    assert not plan.ok and any("RANDOM weights" in what for what, _ in plan.problems)
+    allowed = build_plan(load_config(REPO_CONFIGS / "tiny.yaml", [f"out_dir={tmp_path}", "codec.backend=encodec",
+                                                                   "codec.allow_random_weights=true"]))
+    assert not any("RANDOM" in what for what, _ in allowed.problems)
+    assert any("RANDOM weights" in w for w in allowed.warnings)

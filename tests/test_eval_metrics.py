@@ -5,10 +5,10 @@ import logging
 import numpy as np
 import pytest
 
-from align.audio import load_audio
+from models.audio import load_audio
 from eval.asr import PocketSphinxASR, build_asr, corpus_wer, utterance_wer
 from eval.speaker import ResemblyzerSpeaker, build_speaker_encoder
-from eval.text import int_to_words, normalize_text
+from models.text import int_to_words, normalize_text
 
 
 def _real(real_speech_dir):
@@ -171,7 +171,7 @@ def test_resemblyzer_silence_gives_zero(speaker, real_speech_dir, caplog):
 
 def test_pocketsphinx_transcripts_do_not_depend_on_order_or_workers(real_speech_dir):
     """Each transcript is a function of its own audio: same words in any order, serial or in parallel."""
-    from align.data import load_manifest
+    from models.data import load_manifest
     from eval.asr import PocketSphinxASR
 
     utts, _ = load_manifest(real_speech_dir / "manifest.jsonl")

@@ -7,7 +7,7 @@ import torch
 
 from align.config import load_config
 from align.loop import run_loop
-from align.run import read_jsonl
+from models.io import read_jsonl
 from eval.compare import compare_runs
 
 from .conftest import CI_CONFIG
@@ -160,3 +160,33 @@ def test_extra_eval_set_in_vctk_layout_is_evaluated_every_round(ci_run, ci_overr
     assert main(["compare", str(run_dir), "--out", str(tmp_path / "cmp")]) == 0
     df = __import__("pandas").read_csv(tmp_path / "cmp.csv")
     assert df["n[VCTK-Corpus-0.92]"].tolist() == [len(rows)] and df["wer[VCTK-Corpus-0.92]"].notna().all()
+
+
+def test_a_run_directory_of_the_old_layout_is_renamed_on_resume(tmp_path):
+    """Runs from before the training stage was called 'train' ('dpo' in state.json and round_k/dpo/) resume."""
+    from align.run import RunDir
+    from models.io import write_json
+
+    cfg = load_config(CI_CONFIG, [f"out_dir={tmp_path}"])
+    run = RunDir(cfg)
+    write_json(run.state_path, {"done": {"0": {"base": {"seconds": 1}, "evaluate": {"seconds": 1}},
+                                         "1": {"sample": {"seconds": 1}, "pair": {"seconds": 1},
+                                               "dpo": {"seconds": 2.5}}}})
+    (run.round_dir(1) / "dpo").mkdir(parents=True)
+    write_json(run.round_dir(1) / "dpo" / "metrics.json", {"summary": {"loss": 0.1}})
+    again = RunDir(cfg)
+    assert again.done(1, "train") and not again.done(1, "dpo") and again.stage_seconds(1)["train"] == 2.5
+    assert (again.train_dir(1) / "metrics.json").is_file() and not (again.round_dir(1) / "dpo").exists()
+    # both names at once: written by two code versions; refused with the reason
+    write_json(run.state_path, {"done": {"1": {"dpo": {"seconds": 1}, "train": {"seconds": 1}}}})
+    with pytest.raises(ValueError, match="both 'dpo' and 'train'"):
+        RunDir(cfg)
+
+
+def test_stage_seeds_do_not_move_when_stages_are_added():
+    from align.loop import STAGE_SEED_OFFSETS, stage_seed
+
+    # the values the earlier rule (index in the sorted stage names dpo, evaluate, pair, sample) gave
+    assert [stage_seed(0, 1, s) for s in ("train", "evaluate", "pair", "sample")] == [101, 102, 103, 104]
+    assert stage_seed(3, 2, "pair") == 3 * 7919 + 2 * 101 + 2 and stage_seed(3, 0, "base") == 3
+    assert len(set(STAGE_SEED_OFFSETS.values())) == len(STAGE_SEED_OFFSETS)

@@ -2,9 +2,10 @@
 import pytest
 
 from align import pairs as P
-from align.pairs import PairConfig, pareto_fronts, rank_group
-from align.run import read_jsonl
-from align.stages import SampleConfig, pair
+from align.config import PairConfig, SampleConfig
+from align.pairs import pareto_fronts, rank_group
+from models.io import read_jsonl
+from align.stages import pair
 
 from .fakes import FakeContext
 
@@ -131,3 +132,22 @@ def test_bad_pair_config_values_name_the_fix():
         PairConfig(scorers=["mos9000"])
     with pytest.raises(ValueError, match="fresh"):
         PairConfig(data="sometimes")
+
+
+def test_an_unscored_sample_ranks_worst_not_best():
+    """DNSMOS is NaN for silence: weights [nan, 0.5, 0.2] once made the silent sample 'best' (NaN compares false)."""
+    cfg = PairConfig(scorers=["wer", "sim", "dnsmos"], min_gap=0.05)
+    nan = float("nan")
+    scores = [{"wer": 0.1, "sim": 0.8, "dnsmos": nan}, {"wer": 0.2, "sim": 0.7, "dnsmos": 3.0},
+              {"wer": 0.9, "sim": 0.2, "dnsmos": 2.0}]
+    best, worst, drop = rank_group(scores, cfg)
+    assert (best, worst, drop) == (1, 0, None)  # the silent one is rejected, the judged best is chosen
+    assert P.weighted_score(scores[0], cfg.weights) == float("-inf")
+    # a weight of 0 ignores its score, NaN or not
+    assert P.weighted_score({"wer": 0.2, "dnsmos": nan}, {"wer": -1.0, "dnsmos": 0.0}) == -0.2
+    # nothing judged: dropped with the reason
+    assert rank_group([{"wer": nan, "sim": nan}] * 2, cfg)[2] in ("tie", "unscored")
+    # pareto: an unjudged point sits behind every judged front
+    pcfg = PairConfig(rank_by="pareto", min_gap=0.0)
+    best, worst, _ = rank_group([{"wer": nan, "sim": 0.9}, {"wer": 0.5, "sim": 0.5}, {"wer": 0.1, "sim": 0.9}], pcfg)
+    assert (best, worst) == (2, 0)

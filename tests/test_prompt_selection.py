@@ -2,7 +2,7 @@
 import pytest
 
 from align.config import load_config
-from align.data import audio_seconds, choose_prompt, load_manifest
+from models.data import audio_seconds, choose_prompt, load_manifest
 
 
 def test_prompt_prefers_long_enough_same_speaker_utterances(real_speech_dir):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from align.audio import load_audio
+from models.audio import load_audio
 from eval.quality import UTMOS, build_quality
 
 

@@ -119,7 +119,7 @@ def test_every_offline_encoder_separates_real_speakers(name, real_speech_dir):
     import itertools
     import json
 
-    from align.audio import load_audio
+    from models.audio import load_audio
 
     try:
         enc = build_speaker_encoder(name)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from align.config import load_config
 from align.loop import run_loop
-from align.run import read_jsonl
+from models.io import read_jsonl
 
 from .conftest import REPO
 
@@ -48,16 +48,16 @@ def test_round_from_the_speechgpt_gen_base(sgg_run):
 
 def test_crash_between_halves_resumes_without_retraining_the_ar(ci_overrides, monkeypatch):
     import align.base
-    import align.speechgpt_gen
+    import align.base.speechgpt_gen
 
     cfg = load_config(CI_CONFIG, ci_overrides + SGG + ["name=ci_sgg_resume", "base.steps=3",
                                                        "speechgpt_gen.steps=3", "speechgpt_gen.crop_frames=64"])
-    original = align.speechgpt_gen.train_flow
+    original = align.base.speechgpt_gen.train_flow
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("simulated kill while training the flow")
 
-    monkeypatch.setattr(align.speechgpt_gen, "train_flow", killed)
+    monkeypatch.setattr(align.base.speechgpt_gen, "train_flow", killed)
     with pytest.raises(KeyboardInterrupt):
         run_loop(cfg, stop_after="0:base")
     work = cfg.run_dir / "round_000" / "base_work"
@@ -68,7 +68,7 @@ def test_crash_between_halves_resumes_without_retraining_the_ar(ci_overrides, mo
     def no_retraining(*args, **kwargs):
         raise AssertionError("the AR half was trained again")
 
-    monkeypatch.setattr(align.speechgpt_gen, "train_flow", original)
+    monkeypatch.setattr(align.base.speechgpt_gen, "train_flow", original)
     monkeypatch.setattr(align.base, "train_ar", no_retraining)
     run_loop(cfg, stop_after="0:base")
     policy = cfg.run_dir / "round_000" / "policy"

@@ -28,13 +28,17 @@ import math
 import random
 import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from models.codec import prompt_frames
+from models.optim import cosine_lr
+
 if TYPE_CHECKING:
+    from align.config import SpeechGPTConfig, SpeechGPTStageConfig
     from align.run import Context
 
 log = logging.getLogger("speechalign.speechgpt")
@@ -43,87 +47,8 @@ log = logging.getLogger("speechalign.speechgpt")
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class SpeechGPTStageConfig:
-    """Budget of one training stage (AdamW, linear warm-up then cosine to 0, as the published scripts)."""
-
-    steps: int = field(default=0, metadata={"help": "optimiser steps; 0 = derive from epochs"})
-    epochs: float = field(default=3.0, metadata={"help": "passes over the stage's data when steps == 0"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per device per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warm-up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_length: int = field(default=1024, metadata={
-        "help": "stage 1: block size of the packed unit stream; stages 2-3: longest example (truncated)"})
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps for resuming; 0 = never"})
-    log_every: int = field(default=20, metadata={"help": "log the running loss every N steps"})
-
-    def __post_init__(self):
-        if self.steps < 0 or self.epochs <= 0:
-            raise ValueError(f"steps={self.steps} must be >= 0 and epochs={self.epochs} > 0")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_length < 8:
-            raise ValueError("batch_size and grad_accum must be >= 1, max_length >= 8")
-        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.save_steps < 0 or self.log_every < 1:
-            raise ValueError("lr > 0, 0 <= warmup_ratio < 1, save_steps >= 0 and log_every >= 1 are required")
 
 
-@dataclass
-class SpeechGPTConfig:
-    """The SpeechGPT base stage (``base.stage: speechgpt``)."""
-
-    units: Literal["codec_rvq1", "hubert"] = field(default="codec_rvq1", metadata={
-        "help": "codec_rvq1: the run codec's first RVQ level (embedded default, rendered by NAR + codec); "
-                "hubert: HuBERT layer features + a k-means we fit (needs hubert_path and a unit vocoder to speak)"})
-    hubert_path: str | None = field(default=None, metadata={"help": "units=hubert: local HubertModel directory"})
-    hubert_layer: int = field(default=11, metadata={"help": "units=hubert: hidden layer to cluster (published: 11)"})
-    n_units: int = field(default=1000, metadata={"help": "units=hubert: k-means clusters (published: 1000)"})
-    kmeans_max_frames: int = field(default=100_000, metadata={"help": "units=hubert: frames sampled for k-means"})
-    dedup: bool = field(default=False, metadata={
-        "help": "remove consecutive duplicate units (published for HuBERT units). Off for codec units: the "
-                "NAR + codec decoder need one unit per frame to keep durations"})
-    size: str = field(default="tiny", metadata={"help": "fresh Llama shape when base_model is null: tiny, small, 7b"})
-    base_model: str | None = field(default=None, metadata={
-        "help": "local directory of a pretrained causal LM (e.g. LLaMA-7B) to start from; null = fresh model"})
-    round0: Literal["stage2", "stage3"] = field(default="stage2", metadata={
-        "help": "which model the alignment loop starts from: stage2 (cross-modal SFT) or stage3 (+ CoM LoRA, merged)"})
-    # One default for all three (a nested YAML section is built from these defaults, key by key);
-    # configs/speechgpt-7b.yaml spells out the published per-stage values.
-    stage1: SpeechGPTStageConfig = field(default_factory=SpeechGPTStageConfig, metadata={
-        "help": "modality-adaptation pre-training (full LM, packed unit blocks of max_length)"})
-    stage2: SpeechGPTStageConfig = field(default_factory=SpeechGPTStageConfig, metadata={
-        "help": "cross-modal instruction fine-tuning (full SFT)"})
-    stage3: SpeechGPTStageConfig = field(default_factory=SpeechGPTStageConfig, metadata={
-        "help": "chain-of-modality instruction fine-tuning (LoRA)"})
-    lora_r: int = field(default=8, metadata={"help": "stage 3 LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "stage 3 LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "stage 3 LoRA dropout"})
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
-        "help": "stage 3 modules LoRA wraps"})
-    qa_pairs: int = field(default=64, metadata={
-        "help": "stage 3: template question/answer pairs spoken with the corpus voices (x4 modality directions)"})
-    nar_size: str = field(default="tiny", metadata={"help": "NAR size (codec units): tiny, base, paper"})
-    nar_steps: int = field(default=400, metadata={"help": "NAR optimiser steps (codec units with n_q > 1)"})
-    nar_batch_size: int = field(default=16, metadata={"help": "NAR utterances per step"})
-    nar_lr: float = field(default=1e-3, metadata={"help": "NAR peak learning rate"})
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={
-        "help": "accelerate mixed precision (bf16 on GPUs that have it; no on CPU)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (7B)"})
-
-    def __post_init__(self):
-        from models.speechgpt import SPEECHGPT_SIZES
-
-        if self.size not in SPEECHGPT_SIZES:
-            raise ValueError(f"base.speechgpt.size={self.size!r} unknown; choose one of {sorted(SPEECHGPT_SIZES)}")
-        if self.units == "hubert" and not self.hubert_path:
-            raise ValueError("base.speechgpt.units=hubert needs base.speechgpt.hubert_path (a local HuBERT folder)")
-        if self.units == "codec_rvq1" and self.dedup:
-            raise ValueError("base.speechgpt.dedup=true drops the frame timing the NAR + codec decoder need to speak "
-                             "codec units; keep dedup false with units=codec_rvq1")
-        if self.lora_r < 1 or self.lora_alpha < 1 or not 0 <= self.lora_dropout < 1 or not self.lora_targets:
-            raise ValueError("base.speechgpt: lora_r, lora_alpha >= 1, 0 <= lora_dropout < 1, lora_targets non-empty")
-        if self.qa_pairs < 1 or self.n_units < 2 or self.nar_steps < 0 or self.nar_batch_size < 1:
-            raise ValueError("base.speechgpt: qa_pairs >= 1, n_units >= 2, nar_steps >= 0, nar_batch_size >= 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,21 +147,21 @@ def speak_qa(pairs: list[tuple[str, str]], voices: list[str], out_dir: Path, sam
 
     Returns rows {"question", "answer", "question_audio", "answer_audio", "question_voice"}.
     """
-    from align.corpus import _check_flite, _synthesise
-    from align.io import atomic_write_text
+    from align.corpus import check_flite, synthesise
+    from models.io import atomic_write_text
 
     manifest = out_dir / "qa.json"
     if manifest.is_file():
         return json.loads(manifest.read_text())
-    exe = _check_flite()
+    exe = check_flite()
     rows = []
     for i, (q, a) in enumerate(pairs):
         qv = voices[i % len(voices)]
         qp, ap = out_dir / f"q{i:04d}_{qv}.wav", out_dir / f"a{i:04d}_{voices[0]}.wav"
         if not qp.is_file():
-            _synthesise(exe, qv, q, qp, sample_rate, True)
+            synthesise(exe, qv, q, qp, sample_rate, True)
         if not ap.is_file():
-            _synthesise(exe, voices[0], a, ap, sample_rate, True)
+            synthesise(exe, voices[0], a, ap, sample_rate, True)
         rows.append({"question": q, "answer": a, "question_audio": str(qp), "answer_audio": str(ap),
                      "question_voice": qv})
     atomic_write_text(manifest, json.dumps(rows, indent=1))
@@ -286,13 +211,6 @@ def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 # One training loop for the three stages
 # ---------------------------------------------------------------------------------------------
-def _lr_mult(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine to 0 (transformers' ``cosine`` schedule)."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def _positions(n_items: int, seed: int, start: int, count: int) -> list[int]:
     """Items ``start .. start+count`` of an endless stream of seeded per-epoch shuffles of range(n_items).
 
@@ -316,7 +234,7 @@ def train_stage(name: str, model, tokenizer, items: list[tuple[list[int], list[i
     """
     from tqdm import tqdm
 
-    from align.io import atomic_write_text
+    from models.io import atomic_write_text
 
     acc = accelerator
     stats_path = work / "stats.json"
@@ -343,7 +261,7 @@ def train_stage(name: str, model, tokenizer, items: list[tuple[list[int], list[i
     bar = tqdm(range(start, total), desc=name, leave=False, disable=not acc.is_local_main_process)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = scfg.lr * _lr_mult(step, total, warmup)
+            g["lr"] = scfg.lr * cosine_lr(step, total, warmup, floor=0.0)  # as the published scripts
         step_loss = 0.0
         for micro in range(scfg.grad_accum):
             # this process's slice of micro-batch `micro` of optimiser step `step`
@@ -372,7 +290,7 @@ def train_stage(name: str, model, tokenizer, items: list[tuple[list[int], list[i
     acc.wait_for_everyone()
     stats = {"steps": total, "loss": running, "history": history, "examples": len(items)}
     if acc.is_main_process:
-        from align.io import atomic_dir
+        from models.io import atomic_dir
 
         net = acc.unwrap_model(model)
         if lora is not None:
@@ -417,7 +335,7 @@ def _load_lm(path: Path):
 def _utterance_units(ctx: "Context", sg: SpeechGPTConfig, work: Path):
     """(unit function: Utterance -> units [T], extractor). Codec units come from the run's golden-code
     cache; HuBERT units from a k-means fitted once on the training audio (saved in ``work/units``)."""
-    from align.audio import load_audio
+    from models.audio import load_audio
     from models.speechgpt import CodecUnits, HubertKMeansUnits, dedup_units, load_extractor
 
     if sg.units == "codec_rvq1":
@@ -429,7 +347,7 @@ def _utterance_units(ctx: "Context", sg: SpeechGPTConfig, work: Path):
         wavs = [load_audio(u.audio, 16000, ctx.cfg.data.max_seconds) for u in ctx.splits.train]
         ext = HubertKMeansUnits.fit(sg.hubert_path, sg.hubert_layer, sg.n_units, wavs,
                                     max_frames=sg.kmeans_max_frames, seed=ctx.cfg.seed)
-        from align.io import atomic_dir
+        from models.io import atomic_dir
 
         with atomic_dir(path) as tmp:
             ext.save(tmp)
@@ -445,7 +363,7 @@ def speechgpt_base(ctx: "Context", out_dir: Path) -> dict:
     """Train SpeechGPT's three stages on the run's training split; write the round-0 policy to ``out_dir``."""
     from accelerate import Accelerator
 
-    from align.data import Utterance
+    from models.data import Utterance
     from models.speechgpt import EOS, build_lm, build_tokenizer, load_base_lm, units_str
 
     cfg, sg = ctx.cfg, ctx.cfg.base.speechgpt
@@ -546,13 +464,15 @@ def _write_policy(ctx: "Context", sg: SpeechGPTConfig, work: Path, out_dir: Path
     """Round-0 policy: the chosen stage's LM + tokenizer, a NAR (codec units), the codec, meta."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.base import _examples, _fit
-    from models.codec_lm import Policy, policy_meta, text_to_tokens
-    from models.nar import NARConfig, NARModel, nar_batch
+    from align.training import golden_examples, train_nar
+    from models.codec_lm import Policy, policy_meta
+    from models.io import atomic_dir
+    from models.layout import text_to_tokens
+    from models.nar import NARModel
 
     cfg, codec = ctx.cfg, ctx.codec
-    examples = _examples(ctx, 0)  # (text, golden codes [n_q, T], prompt codes [n_q, Tp])
-    n_prompt = max(1, int(round(cfg.policy.prompt_seconds * codec.frame_rate)))
+    examples = golden_examples(ctx, 0)  # (text, golden codes [n_q, T], prompt codes [n_q, Tp])
+    n_prompt = prompt_frames(cfg.policy.prompt_seconds, codec.frame_rate)
     chars = sum(len(text_to_tokens(t).replace(" ", "")) for t, _, _ in examples)
     frames_per_char = sum(c.shape[1] for _, c, _ in examples) / max(1, chars)
     nar, nar_loss = None, None
@@ -562,25 +482,10 @@ def _write_policy(ctx: "Context", sg: SpeechGPTConfig, work: Path, out_dir: Path
         if (work / "nar" / "nar.json").is_file():
             nar = NARModel.load(work / "nar")
         else:
-            torch.manual_seed(cfg.seed + 1)
-            ncfg = NARConfig.named(sg.nar_size, codec.n_q, codec.codebook_size)
-            ncfg.max_frames = max(ncfg.max_frames, n_prompt + max(c.shape[1] for _, c, _ in examples) + 8)
-            nar = NARModel(ncfg).to(ctx.device)
-            rng = random.Random(cfg.seed)
-
-            def nar_step_loss(batch: list[int]) -> torch.Tensor:
-                prompt, target, pm, tm = nar_batch([(examples[i][2][:, :n_prompt], examples[i][1]) for i in batch])
-                level = rng.randint(2, codec.n_q)
-                return nar.loss(prompt.to(ctx.device), target.to(ctx.device), pm.to(ctx.device), tm.to(ctx.device),
-                                level)
-
-            nar_loss, _ = _fit("speechgpt NAR", nar, nar_step_loss, n_items=len(examples),
-                               batch_size=sg.nar_batch_size, steps=sg.nar_steps, lr=sg.nar_lr,
-                               warmup=min(cfg.base.warmup_steps, sg.nar_steps // 10), betas=(0.9, 0.999),
-                               bcfg=cfg.base, rng=rng)
+            nar, nar_loss = train_nar(ctx, examples, random.Random(cfg.seed), size=sg.nar_size, steps=sg.nar_steps,
+                                      batch_size=sg.nar_batch_size, lr=sg.nar_lr, seed=cfg.seed + 1, kind="vall_e",
+                                      name="speechgpt NAR")
             nar = nar.cpu()
-            from align.io import atomic_dir
-
             with atomic_dir(work / "nar") as tmp:
                 nar.save(tmp)
     stage_dir = work / sg.round0 / "model"

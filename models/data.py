@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from align.io import atomic_write_text
-from eval.text import normalize_text  # one normaliser: sentences match as WER sees them
+from models.io import atomic_write_text
+from models.text import normalize_text  # one normaliser: sentences match as WER sees them
 
 log = logging.getLogger("speechalign.data")
 

@@ -1,11 +1,13 @@
 """Atomic writes: a reader, or a run killed half-way, never sees a half-written file or folder.
 
     atomic_write_text(path, text)        temp file in the same folder, fsync, rename
+    write_json / write_jsonl             the same, for JSON and JSON lines
     with atomic_dir(path) as tmp: ...     fill ``tmp``; on success it replaces ``path`` whole
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -57,3 +59,22 @@ def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False) -> Itera
             return
         shutil.rmtree(path)
     tmp.rename(path)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """``obj`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """One dict per non-empty line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> None:
+    """One JSON object per line, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))

@@ -162,7 +162,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_li
     from tqdm import tqdm
 
     from models.io import atomic_write_text
-    from eval.compare import build_comparison, figures
+    from eval.compare import build_comparison, figures, table_note, tests_note
     from eval.listen import report_section
 
     run_dir = Path(run_dir)
@@ -229,14 +229,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_li
         f"Per-utterance rows: <code>utterances.parquet</code> / <code>round_k/eval/rows.jsonl</code>.</p>",
         "<h2>Metrics per round</h2>", table_html(cmp.table, "metrics-table"),
         f"<p class=\"small\">wer = corpus WER (total edit errors / total reference words of the pocketsphinx "
-        f"transcripts); sim = mean speaker-embedding cosine to the real recording. *_lo/*_hi: {cmp.level:.0%} "
-        f"percentile bootstrap CI over utterances ({cmp.n_boot} resamples, seeded); *_p_prev / *_p_r0: two-sided "
-        "paired-bootstrap p-value of the change vs the previous round / round 0, paired on utterance id. "
+        f"transcripts); sim = mean speaker-embedding cosine to the real recording. {_e(table_note(cmp))} "
         "reward_*: DPO's implicit-reward accuracy and margin over the last 20% of steps; sec_*: wall seconds.</p>",
         "<h2>Paired tests</h2>", table_html(cmp.tests, "tests-table"),
-        "<p class=\"small\">delta = metric(round) - metric(vs_round) on the utterances both scored, with its paired "
-        "bootstrap CI; p_wilcoxon: Wilcoxon signed-rank test on per-utterance differences; better: significant at "
-        f"p &lt; {1 - cmp.level:.2f} and in the good direction (blank = not significant).</p>",
+        f"<p class=\"small\">{_e(tests_note(cmp))}</p>",
         "<h2>Figures</h2>", f"<div>{figs}</div>",
         *gap,
         "<h2>Listen</h2>",

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from align.run import read_jsonl, write_jsonl
+from models.io import read_jsonl, write_jsonl
 from eval import stats
 from eval.table import rows_frame, write_table
 
@@ -49,9 +49,9 @@ def test_paired_test_finds_a_real_shift_and_not_noise():
     a = rng.uniform(0.4, 0.9, 80)
     ones = np.ones_like(a)
     shifted = stats.paired_test(a, ones, a + rng.normal(0.05, 0.02, 80), ones, seed=0)
-    assert shifted.p_bootstrap < 0.01 and shifted.p_wilcoxon < 0.01 and shifted.lo > 0
+    assert shifted.p < 0.01 and "Monte Carlo" in shifted.test and shifted.p_wilcoxon < 0.01 and shifted.lo > 0
     same = stats.paired_test(a, ones, a.copy(), ones, seed=0)
-    assert same.delta == 0 and same.p_bootstrap == 1.0 and same.p_wilcoxon == 1.0
+    assert same.delta == 0 and same.p == 1.0 and same.p_bootstrap == 1.0 and same.p_wilcoxon == 1.0
     # pairing matters: a between-utterance spread much larger than the shift still gives a tight CI
     unpaired = stats.unpaired_test(a, ones, a + 0.05, ones, seed=0)
     paired = stats.paired_test(a, ones, a + 0.05, ones, seed=0)
@@ -101,7 +101,8 @@ def test_completion_logprobs_batched_equals_one_by_one_and_a_manual_forward(ci_r
     import torch
 
     from eval.gap import completion_logprobs
-    from models.codec_lm import Policy, completion_str, prompt_str
+    from models.codec_lm import Policy
+    from models.layout import completion_str, prompt_str
 
     policy = Policy.load(ci_run / "round_001" / "policy")
     rng = np.random.default_rng(0)
@@ -163,18 +164,67 @@ def test_compare_command_gives_cis_p_values_and_plots(ci_run, tmp_path):
     assert list(df["round"]) == [0, 1, 2]
     assert ((df["wer_lo"] <= df["wer"] + 1e-12) & (df["wer"] <= df["wer_hi"] + 1e-12)).all()
     assert ((df["sim_lo"] <= df["sim"] + 1e-12) & (df["sim"] <= df["sim_hi"] + 1e-12)).all()
-    for col in ("wer_p_prev", "wer_p_r0", "sim_p_prev", "sim_p_r0"):
+    for col in ("wer_p_prev", "wer_p_r0", "sim_p_prev", "sim_p_r0", "wer_p_r0_holm", "sim_p_prev_holm"):
         assert df[col].iloc[1:].between(0, 1).all() and pd.isna(df[col].iloc[0])
-    assert {"reward_accuracy", "sec_dpo", "gap_auc"} <= set(df.columns)
+    n = df["n_eval"].iloc[0]
+    assert (df["wer_n_r0"].iloc[1:] == n).all() and (df["sim_n_prev"].iloc[1:] == n).all()
+    assert (df["wer_p_r0"].iloc[1:] >= 2 / 2 ** n).all() and (df["wer_p_r0_holm"] >= df["wer_p_r0"]).iloc[1:].all()
+    assert (df["p_test"].iloc[1:] == "sign-flip exact").all()
+    assert {"reward_accuracy", "sec_train", "gap_auc"} <= set(df.columns)  # the stage is "train" (was "dpo")
     tests = pd.read_csv(tmp_path / "cmp_tests.csv")
     assert {(r, v) for r, v in zip(tests["round"], tests["vs_round"])} == {(1, 0), (2, 1), (2, 0)}
-    assert tests["p_wilcoxon"].between(0, 1).all()
+    assert tests["p_wilcoxon"].between(0, 1).all() and tests["p"].between(2 / 2 ** n, 1).all()
+    assert (tests["p_holm"] >= tests["p"]).all() and (tests["p_bh"] >= tests["p"]).all()
     md = (tmp_path / "cmp.md").read_text()
     header = md.splitlines()[0].split(" | ")
     assert header[:2] == ["| run", "round"] and {"wer", "sim"} <= set(header) and "## Paired tests" in md
     for name in ("cmp_wer.png", "cmp_sim.png", "cmp_gap.png", f"cmp_wer_scatter_{ci_run.name}_r0_r2.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"({name})" in md  # each figure is in the Markdown with its caption
+
+
+def _fake_run(root, name: str, rows_by_round: dict[int, list[dict]]):
+    """A run directory with just what compare reads: metrics.jsonl and round_k/eval/rows.jsonl."""
+    run = root / name
+    for k, rows in rows_by_round.items():
+        write_jsonl(run / f"round_{k:03d}" / "eval" / "rows.jsonl", rows)
+    frames = {k: rows_frame(rows) for k, rows in rows_by_round.items()}
+    write_jsonl(run / "metrics.jsonl", [{"round": k, "wer": float(f["errors"].sum() / f["ref_words"].sum()),
+                                         "sim": float(f["sim"].mean()), "n_eval": len(f)} for k, f in frames.items()])
+    return run
+
+
+def test_compare_tables_show_exact_p_with_n_test_and_correction(tmp_path):
+    from eval.compare import build_comparison, write_outputs
+
+    text = "one two three four"
+    base = [{"id": f"u{i}", "text": text, "hypothesis": "one two", "wer": 0.5, "sim": 0.5 + 0.01 * i} for i in range(6)]
+    better = [dict(r, hypothesis="one two three", wer=0.25) for r in base]   # every utterance one error fewer
+    noisy = [dict(r, sim=r["sim"] + (0.02 if i % 2 else -0.02)) for i, r in enumerate(base)]
+    a = _fake_run(tmp_path, "a", {0: base, 1: better, 2: noisy})
+    b = _fake_run(tmp_path, "b", {0: base, 1: base})
+    cmp = build_comparison([a, b], n_boot=200)
+    t = cmp.table.set_index(["run", "round"])
+    # a round 1 vs round 0: 6 of 6 utterances moved one way -> exactly 2/64, the smallest any test on 6 pairs gives
+    assert t.loc[("a", 1), "wer_p_r0"] == 2 / 64 and t.loc[("a", 1), "wer_n_r0"] == 6
+    assert t.loc[("a", 1), "wer_p_prev"] == 2 / 64  # round 1: the same test as vs round 0
+    assert t.loc[("a", 1), "p_test"] == "sign-flip exact"
+    tests = cmp.tests.set_index(["run", "round", "vs_round", "metric"])
+    assert tests.loc[("a", 1, 0, "wer"), "test"] == "sign-flip exact, 2^6 patterns"
+    assert tests.loc[("a", 1, 0, "sim"), "test"] == "sign-flip exact, 2^0 patterns"  # sim did not move
+    assert t.loc[("a", 2), "sim_p_prev"] == 1.0 and t.loc[("b", 1), "wer_p_r0"] == 1.0  # nothing moved overall / at all
+    # Holm over every test of the comparison (round tests of both runs + b vs a at each round)
+    m = len(cmp.tests)
+    assert m == int(cmp.tests["p"].notna().sum()) and set(cmp.tests["kind"]) == {"prev,r0", "prev", "r0", "run"}
+    assert t.loc[("a", 1), "wer_p_r0_holm"] == pytest.approx(min(1.0, m * 2 / 64))
+    assert cmp.tests["better"].isna().all()  # 2/64 does not survive a correction over m > 1 tests
+    assert len(build_comparison([a, b], n_boot=200, between_runs=False).tests) < m
+    bh = build_comparison([a], n_boot=200, correction="bh").table.set_index("round")
+    assert "wer_p_r0_bh" in bh.columns and "wer_p_r0_holm" not in bh.columns
+    paths = write_outputs(cmp, tmp_path / "cmp")
+    md = paths["md"].read_text()
+    assert "Holm-corrected" in md and f"all {m} paired tests" in md and "2^k sign patterns" in md
+    assert "p_bootstrap" not in md and "p_bootstrap" not in pd.read_csv(paths["tests"]).columns
 
 
 def _chromium() -> str | None:

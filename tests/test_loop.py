@@ -27,7 +27,7 @@ def test_ci_loop_runs_end_to_end(ci_run):
         assert (ci_run / f"round_{k:03d}" / "policy" / "model.safetensors").exists()
         if k > 0:
             assert row["pairs"] > 0 and math.isfinite(row["dpo_loss"])
-            assert set(row["seconds"]) == {"sample", "pair", "dpo", "evaluate"}
+            assert set(row["seconds"]) == {"sample", "pair", "train", "evaluate"}
     # every round's policy is a plain transformers checkpoint
     from transformers import AutoModelForCausalLM
 
@@ -39,7 +39,7 @@ def test_ci_loop_runs_end_to_end(ci_run):
     assert pairs and {"token_distance", "length_ratio"} <= set(pairs[0]["scores"])
     assert pairs[0]["chosen"].endswith("<eos>") and pairs[0]["prompt"].endswith("<speech>")
     df = compare_runs([ci_run])
-    assert list(df["round"]) == [0, 1, 2] and {"wer", "sim", "reward_accuracy", "sec_dpo"} <= set(df.columns)
+    assert list(df["round"]) == [0, 1, 2] and {"wer", "sim", "reward_accuracy", "sec_train"} <= set(df.columns)
 
 
 def test_policy_changes_across_rounds(ci_run):
@@ -55,7 +55,7 @@ def test_resume_after_kill_between_stages(ci_run, ci_overrides):
     cfg = load_config(CI_CONFIG, ci_overrides + ["name=ci_resume_stage", "rounds=1"])
     run_dir = run_loop(cfg, stop_after="1:pair")
     state = json.loads((run_dir / "state.json").read_text())
-    assert "pair" in state["done"]["1"] and "dpo" not in state["done"]["1"]
+    assert "pair" in state["done"]["1"] and "train" not in state["done"]["1"]
     run_loop(cfg)
     got, want = _rows(run_dir), _rows(ci_run)
     for k in (0, 1):
@@ -82,7 +82,7 @@ def test_resume_after_kill_inside_dpo(ci_run, ci_overrides, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_loop(cfg)
     run_dir = cfg.run_dir
-    assert list((run_dir / "round_001" / "dpo" / "trainer").glob("checkpoint-2"))
+    assert list((run_dir / "round_001" / "train" / "trainer").glob("checkpoint-2"))
     assert not (run_dir / "round_001" / "policy").exists()
     monkeypatch.setattr(trl.DPOTrainer, "training_step", original)
     run_loop(cfg)

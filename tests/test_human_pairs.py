@@ -44,7 +44,8 @@ def test_a_round_trains_on_what_raters_preferred(ci_run, ci_overrides, tmp_path)
         assert p["chosen_codes"] == rows[win.round][p["id"]]["codes"]
         assert p["rejected_codes"] == rows[lose.round][p["id"]]["codes"]
         assert p["source"] == "human" and p["scores"]["votes"] == 2 and p["keep"]
-        assert p["prompt"].startswith("<prompt>") and p["chosen"].startswith("<a")
+        assert p["prompt"].startswith("<bos> <prompt>") and p["prompt"].endswith("<speech>")
+        assert p["chosen"].endswith("<eos>") and p["rejected"].endswith("<eos>")
     stats = json.loads((run / "round_001" / "pairs" / "stats.json").read_text())
     assert stats["pairs"] == len(truth) and stats["test_split_pairs"] == len(truth)  # evaluation clips: counted
     row = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]

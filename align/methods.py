@@ -96,6 +96,23 @@ def nan_guard():
     return NaNGuard()
 
 
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Trainer checkpoints written to the end, oldest first (transformers writes trainer_state.json last);
+    a folder cut off by a kill mid-save cannot be resumed from, so it is removed."""
+    import json
+
+    done = []
+    for c in folder.glob("checkpoint-*"):
+        try:
+            json.loads((c / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.warning("removing %s: a trainer checkpoint cut off while it was written", c)
+            shutil.rmtree(c, ignore_errors=True)
+            continue
+        done.append(c)
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
 def dpo(ctx: "Context", k: int) -> dict:
     """DPO on round k's pairs; round k-1's policy is both the start and the frozen reference."""
     from datasets import Dataset
@@ -136,7 +153,7 @@ def dpo(ctx: "Context", k: int) -> dict:
                                  target_modules=list(dcfg.lora_targets), task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=policy.lm, ref_model=None if dcfg.lora else ref, args=args, train_dataset=dataset,
                          processing_class=policy.tokenizer, peft_config=peft_config, callbacks=[nan_guard()])
-    checkpoints = sorted((work / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = complete_checkpoints(work / "trainer")
     resume = str(checkpoints[-1]) if checkpoints else None
     if resume:
         log.info("round %d dpo: resuming from %s", k, resume)
@@ -338,7 +355,8 @@ def grpo(ctx: "Context", k: int) -> dict:
     args = GRPOConfig(
         output_dir=str(work / "trainer"), learning_rate=gcfg.learning_rate, max_steps=gcfg.steps,
         per_device_train_batch_size=gcfg.num_generations * gcfg.prompts_per_step,
-        num_generations=gcfg.num_generations, max_completion_length=max_frames + 1, temperature=gcfg.temperature,
+        num_generations=gcfg.num_generations, max_completion_length=max_frames,  # <eos> counts, as in Policy.generate
+         temperature=gcfg.temperature,
         top_k=gcfg.top_k, beta=gcfg.beta, loss_type=gcfg.loss_type,
         # only codec tokens and <eos> may be sampled, as in Policy.generate
         generation_kwargs={"suppress_tokens": [i for i in range(len(tok)) if i not in allowed]},

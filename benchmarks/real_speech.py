@@ -1,9 +1,9 @@
 """The embedded evaluators on real recordings: pocketsphinx WER, DNSMOS, speaker separation.
 
-    python benchmarks/real_speech.py [--manifest ../shared/data/real_speech/manifest.jsonl]
+    python benchmarks/real_speech.py [--manifest tests/data/real_speech/manifest.jsonl]
 
 Reads any JSONL/CSV manifest ``{id, audio, text, speaker}`` (default: the 13 real recordings of 3
-speakers in ``../shared/data/real_speech``) and reports, per utterance and overall:
+speakers in ``tests/data/real_speech``, copied from the shared test data) and reports, per utterance and overall:
 
 * pocketsphinx corpus WER (``eval.asr``, the normaliser of ``eval/text.py``);
 * DNSMOS P.808 MOS and P.835 SIG/BAK/OVRL (``eval.quality``, speechmos's ONNX models);
@@ -56,7 +56,7 @@ def main() -> None:
     from eval.speaker import build_speaker_encoder
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--manifest", default=str(ROOT.parent / "shared" / "data" / "real_speech" / "manifest.jsonl"))
+    parser.add_argument("--manifest", default=str(ROOT / "tests" / "data" / "real_speech" / "manifest.jsonl"))
     parser.add_argument("--ecapa", default=None, help="local speechbrain ECAPA folder (hyperparams.yaml + ckpts)")
     parser.add_argument("--wavlm", default=None, help="local WavLMForXVector folder")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_speech"))

@@ -1,3 +1,4 @@
+import json
 import logging
 import os
 from pathlib import Path
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_SPEECH = REPO.parent / "shared" / "data" / "real_speech"
+# 13 real recordings vendored from the project's shared fixtures (sources and licences in its README).
+REAL_SPEECH = REPO / "tests" / "data" / "real_speech"
 
 # Two cores on CI: more threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -20,11 +22,22 @@ def _seed_everything():
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_speech_dir() -> Path:
-    """The 13 real recordings shipped in ../shared/data/real_speech (3 speakers, 16 and 22.05 kHz)."""
-    if not (REAL_SPEECH / "manifest.jsonl").exists():
-        pytest.skip(f"real recordings not found at {REAL_SPEECH}")
+    """The 13 real recordings in tests/data/real_speech (3 speakers, 16 and 22.05 kHz).
+
+    They are part of the repository, so a missing file is a broken checkout: fail, never skip.
+    Session-scoped so module-scoped fixtures can use it too.
+    """
+    manifest = REAL_SPEECH / "manifest.jsonl"
+    if not manifest.is_file():
+        pytest.fail(f"{manifest} is missing: the real recordings are part of the repository; "
+                    "restore them with `git checkout -- tests/data/real_speech`", pytrace=False)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    missing = [r["audio"] for r in rows if not (REAL_SPEECH / r["audio"]).is_file()]
+    if len(rows) != 13 or missing:
+        pytest.fail(f"{REAL_SPEECH}: expected 13 recordings, manifest lists {len(rows)}, missing {missing}; "
+                    "restore them with `git checkout -- tests/data/real_speech`", pytrace=False)
     return REAL_SPEECH
 
 

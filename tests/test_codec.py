@@ -9,12 +9,8 @@ from models.codec import CodecConfig, EncodecCodec, MelRVQCodec, load_codec
 
 
 @pytest.fixture(scope="module")
-def real_wavs():
-    from .conftest import REAL_SPEECH
-
-    if not (REAL_SPEECH / "manifest.jsonl").exists():
-        pytest.skip("real recordings missing")
-    utts, _ = load_manifest(REAL_SPEECH / "manifest.jsonl")
+def real_wavs(real_speech_dir):
+    utts, _ = load_manifest(real_speech_dir / "manifest.jsonl")
     return [load_audio(u.audio, 16000) for u in utts]
 
 

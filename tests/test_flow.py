@@ -39,6 +39,39 @@ def test_straight_path_and_velocity_by_hand():
     assert torch.allclose(v, torch.tensor([[[2.0, 4.0]]]))   # y - x0
 
 
+def test_path_runs_from_the_prior_to_the_target_at_its_velocity():
+    x0, y = torch.randn(3, 4, D), torch.randn(3, 4, D)
+    w0, v = path_and_velocity(x0, y, torch.zeros(3))
+    w1, _ = path_and_velocity(x0, y, torch.ones(3))
+    assert torch.allclose(w0, x0) and torch.allclose(w1, y, atol=1e-6)
+    # the velocity is dw/dt at every t (finite differences, float64 to keep them exact enough)
+    x0d, yd = x0.double(), y.double()
+    for t in (0.1, 0.5, 0.9):
+        a, v_t = path_and_velocity(x0d, yd, torch.full((3,), t, dtype=torch.float64))
+        b, _ = path_and_velocity(x0d, yd, torch.full((3,), t + 1e-6, dtype=torch.float64))
+        assert torch.allclose((b - a) / 1e-6, v_t, atol=1e-5)
+    assert torch.allclose(v, y - x0)
+
+
+@pytest.mark.parametrize("chain", ["implicit", "explicit"])
+@pytest.mark.parametrize("solver,steps", [("euler", 1), ("euler", 5), ("midpoint", 3)])
+def test_synthesis_with_the_exact_field_returns_the_target_latent(chain, solver, steps, monkeypatch):
+    """With the true conditional field towards a known latent in place of the network, ``synthesize``
+    (prior, solver, the explicit chain's + v1, de-normalisation) must give back exactly that latent."""
+    model = _tiny(chain)
+    g = torch.Generator().manual_seed(0)
+    model.set_normalizer([torch.randn(30, D, generator=g) * 2.0 + 0.5])  # a non-trivial mean and scale
+    x1, v1 = torch.randn(7, D, generator=g) * 2.0 + 0.5, torch.randn(7, D, generator=g)
+    y = flow_target(chain, model.normalize(x1), model.normalize(v1))[None]  # [1, T, D] in the flow's units
+
+    def exact_field(w, t, context, cond=None, mask=None, guidance=0.0):
+        return (y - w) / (1 - t.view(-1, 1, 1))  # straight to y from wherever w is
+
+    monkeypatch.setattr(model, "velocity", exact_field)
+    out = model.synthesize(v1, steps=steps, solver=solver, guidance=0.0, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (7, D) and torch.allclose(out, x1, atol=1e-4)
+
+
 @pytest.mark.parametrize("chain", ["implicit", "explicit"])
 def test_loss_regresses_the_chains_velocity_on_non_prompt_frames(chain):
     model = _tiny(chain)
@@ -139,12 +172,22 @@ def test_mel_codec_latents_and_decode_latent_match_decode():
 
 
 def test_encodec_latent_is_the_summed_quantizer_output():
-    codec = EncodecCodec(CodecConfig(backend="encodec", bandwidth=1.5))
-    codes = codec.encode(np.random.default_rng(0).standard_normal(2400).astype(np.float32) * 0.1)
+    codec = EncodecCodec(CodecConfig(backend="encodec", bandwidth=1.5, allow_random_weights=True))
+    layers = codec.model.quantizer.vq.layers
+    # Untrained encodec codebooks are all zeros (k-means init on first use), which would make every
+    # latent 0 and any sum identity hold: give each level its own seeded random codebook first.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers:
+            layer._codebook.embed.copy_(torch.randn(layer._codebook.embed.shape, generator=g))
+    codes = torch.randint(0, 1024, (2, 9), generator=g)  # bandwidth 1.5: n_q = 2
     latent = codec.latent(codes)
-    assert latent.shape == (codes.shape[1], codec.latent_dim)
-    assert torch.allclose(codec.semantic_latent(codes) + codec.latent(codes[1:]) - codec.latent(codes[1:]),
-                          codec.semantic_latent(codes))
+    assert latent.shape == (9, codec.latent_dim)
+    by_level = [layers[q]._codebook.embed[codes[q]] for q in range(2)]  # each level's vectors, by hand
+    assert torch.allclose(latent, by_level[0] + by_level[1], atol=1e-5)
+    assert torch.allclose(codec.semantic_latent(codes), by_level[0], atol=1e-5)
+    assert torch.allclose(codec.semantic_latent(codes[0]), by_level[0], atol=1e-5)
+    assert not torch.allclose(latent, by_level[0], atol=1e-2)  # the second level does contribute
     assert np.allclose(codec.decode_latent(latent), codec.decode(codes), atol=1e-5)
 
 
@@ -187,7 +230,8 @@ def test_tiny_flow_trains_and_renders_audio(chain, tmp_path):
 
 
 def test_policy_renders_through_its_flow_and_round_trips(tmp_path):
-    from models.codec_lm import Policy, build_lm, build_tokenizer
+    from models.codec_lm import Policy, build_lm
+    from models.layout import build_tokenizer
 
     codec = _codec()
     model, _ = _train(_tiny(), codec, steps=2)

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from align import methods
 from align.config import load_config
-from align.run import read_jsonl
 from align.stages import pair
-from models.codec_lm import Policy, completion_str, prompt_str
+from models.codec_lm import Policy
+from models.layout import completion_str, prompt_str
 
 from .fakes import K, FakeContext, corrupted, golden_codes, tiny_policy
 
@@ -30,7 +30,7 @@ def _changed(ctx) -> bool:
 
 
 def _summary(ctx):
-    return json.loads((ctx.run.round_dir(1) / "dpo" / "metrics.json").read_text())["summary"]
+    return json.loads((ctx.run.train_dir(1) / "metrics.json").read_text())["summary"]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -46,16 +46,16 @@ def test_dpo_loss_types_take_a_step(tmp_path, overrides):
 
 
 def test_every_installed_trl_loss_type_is_accepted():
-    from trl import DPOConfig
+    from align.config import DPOStageConfig
+    from align.methods import check_loss_type, trl_loss_types
 
-    from align.stages import DPOStageConfig, _trl_loss_types
-
-    known = _trl_loss_types(DPOConfig)
+    known = trl_loss_types()
     assert {"sigmoid", "ipo", "hinge", "robust", "sigmoid_norm"} <= set(known)
     for lt in known:
         DPOStageConfig(loss_type=lt)
+        check_loss_type(lt)
     with pytest.raises(ValueError, match="installed TRL"):
-        DPOStageConfig(loss_type="nope")
+        check_loss_type("nope")
     with pytest.raises(ValueError, match="0.5"):
         DPOStageConfig(loss_type="robust", label_smoothing=0.6)
 
@@ -106,7 +106,7 @@ def test_reward_bon_attaches_a_reranker(tmp_path):
     many = policy._sample(["a cat"], prompts[:1], n=6, temperature=1.0, top_k=0, top_p=1.0, batch_size=16, seed=0,
                           progress=False)[0]
     r = policy.reranker.reward_model.score([policy.conditioning(prompts[0], "a cat")] * 6, [m.tolist() for m in many])
-    from models.codec_lm import text_length
+    from models.layout import text_length
 
     e = policy.meta["frames_per_char"] * text_length("a cat", policy.text_frontend)
     lo, hi = policy.reranker.length_band
@@ -132,21 +132,25 @@ def test_best_of_n_length_band_stops_a_short_loving_reward_model():
     # nothing in the band: the closest to the expected length
     assert bon.pick(["p"], cands, keep=1, expected_frames=[400.0])[0][0].numel() == 90
     with pytest.raises(ValueError, match="best_of_n_length_band"):
-        from align.methods import TrainConfig
+        from align.config import TrainConfig
 
         TrainConfig(best_of_n_length_band=[1.5, 2.0])
 
 
 def test_grpo_takes_a_step_with_a_direct_reward(tmp_path, monkeypatch):
-    """reward=wer through the pluggable scorer registry; a stub WER (longer = worse) keeps ASR out of it."""
+    """reward=wer through the pluggable scorer registry, with a stub WER that depends on the codes and
+    records what it saw and returned; the logged reward statistics must be exactly those of -WER over the
+    completions GRPO generated (reward = -WER + sim_weight x 0)."""
     from align import pairs as P
 
-    seen = []
+    calls = []  # one (codes of each completion, WERs returned) per call
 
     def stub_wer(ctx):
         def score(batch):
-            seen.extend(r["codes"] for r in batch.rows)
-            return [len(r["codes"]) / 10 for r in batch.rows]
+            codes = [list(r["codes"]) for r in batch.rows]
+            wers = [len(c) / 10 + sum(c) / 1000 for c in codes]  # differs between most completions
+            calls.append((codes, wers))
+            return wers
         return score
 
     monkeypatch.setitem(P.SCORERS, "wer", stub_wer)
@@ -154,8 +158,18 @@ def test_grpo_takes_a_step_with_a_direct_reward(tmp_path, monkeypatch):
                                 "train.grpo.num_generations=2", "train.grpo.prompts_per_step=2",
                                 "train.grpo.max_completion_frames=8", "train.grpo.learning_rate=1e-3"])
     stats = methods.train(ctx, 1)
-    assert stats["method"] == "grpo" and stats["grpo_reward"] is not None and _changed(ctx)
-    assert len(seen) == 4 and all(0 <= c < K for codes in seen for c in codes)
+    assert stats["method"] == "grpo" and stats["steps"] == 1 and _changed(ctx)
+    # one step = one generation batch: 2 prompts x 2 completions, scored once
+    assert len(calls) == 1
+    codes, wers = calls[0]
+    assert len(codes) == 4 and all(0 <= x < K for c in codes for x in c)
+    rewards = torch.tensor([-w for w in wers], dtype=torch.float64)
+    assert stats["grpo_reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+    assert stats["grpo_reward_std"] == pytest.approx(rewards.std().item(), abs=1e-6)  # TRL: unbiased, whole batch
+    (logged,) = json.loads((ctx.run.train_dir(1) / "metrics.json").read_text())["history"]
+    assert logged["rewards/reward_wer/mean"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+    # train.grpo.max_completion_frames caps the codes a completion may hold (its <eos> comes on top)
+    assert max(len(c) for c in codes) <= 8, [len(c) for c in codes]
 
 
 @pytest.mark.slow
@@ -231,10 +245,19 @@ def test_method_config_validation_and_old_configs_resume(tmp_path):
 
 
 def test_every_ablation_config_loads():
+    from align.configutil import to_dict
+
     from .conftest import REPO
 
     paths = sorted((REPO / "configs" / "ablations").glob("*.yaml"))
     assert paths
-    got = {load_config(p).train.method for p in paths}
-    assert got == set(methods.METHODS)
-    assert read_jsonl  # imported for the fixtures above
+    cfgs = {p.stem: load_config(p) for p in paths}
+    assert {c.train.method for c in cfgs.values()} == set(methods.METHODS)
+    # benchmarks/ablations.py trains one round-0 base (the first config's) and starts every run from it:
+    # that is only fair if everything round 0 depends on is the same in every config
+    shared = ("seed", "data", "corpus", "codec", "policy", "base")
+    first = to_dict(next(iter(cfgs.values())))
+    for stem, c in cfgs.items():
+        d = to_dict(c)
+        assert {k: d[k] for k in shared} == {k: first[k] for k in shared}, stem
+        assert c.name == f"abl_{stem}" and c.rounds == 2 and stem.startswith(c.train.method), stem

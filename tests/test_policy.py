@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from models.codec import CodecConfig, MelRVQCodec
-from models.codec_lm import (Policy, build_lm, build_tokenizer, codec_token, completion_str, parse_codes,
-                             prompt_str, text_to_tokens)
+from models.codec_lm import Policy, build_lm
+from models.layout import build_tokenizer, codec_token, completion_str, parse_codes, prompt_str, text_to_tokens
 
 K = 32
 
@@ -100,8 +100,23 @@ def test_dpo_step_through_trl_changes_parameters(tok, tmp_path):
         rows.append({"prompt": prompt_str(torch.randint(0, K, (5,), generator=g), f"word {i}"),
                      "chosen": completion_str(golden), "rejected": completion_str(golden.flip(0)[:8])})
     before = {n: p.detach().clone() for n, p in policy.lm.named_parameters()}
+    # fixed inputs: every pair's prompt + chosen, padded; the reference's logits on them must not move
+    probe = [tok(r["prompt"] + r["chosen"], add_special_tokens=False)["input_ids"] for r in rows]
+    width = max(map(len, probe))
+    probe_ids = torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids in probe])
+    probe_mask = (torch.arange(width)[None] < torch.tensor([len(ids) for ids in probe])[:, None]).long()
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=probe_ids, attention_mask=probe_mask).logits.clone()
+
+    ref_logits, policy_logits = logits(ref), logits(policy.lm)
+    assert torch.equal(ref_logits, policy_logits)  # same seed: the reference starts as the policy
+    ref_before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    # bf16=False as the project's DPO stage sets it: TRL's default (bf16) would wrap both models' forward
+    # in a bf16 autocast for good, and the reference's logits would then differ by rounding alone
     args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
-                     report_to="none", use_cpu=True, logging_steps=1, save_strategy="no", beta=0.1)
+                     report_to="none", use_cpu=True, logging_steps=1, save_strategy="no", beta=0.1, bf16=False)
     trainer = DPOTrainer(model=policy.lm, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok)
     # TRL split our strings where we meant: prompt ids end with <speech>, completions end with <eos>
@@ -111,9 +126,10 @@ def test_dpo_step_through_trl_changes_parameters(tok, tmp_path):
     trainer.train()
     changed = [n for n, p in policy.lm.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert len(changed) > 0.9 * len(before)
-    # the reference model is frozen
-    assert all(not p.requires_grad or torch.equal(p, q) for p, q in
-               zip(ref.parameters(), build_lm("tiny", len(tok), 512, seed=0).parameters()))
+    # the reference model is frozen: same weights, same logits on the fixed inputs, while the policy's moved
+    assert all(torch.equal(p.detach(), ref_before[n]) for n, p in ref.named_parameters())
+    assert torch.equal(logits(trainer.ref_model), ref_logits)
+    assert not torch.allclose(logits(policy.lm), policy_logits, atol=1e-4)
 
 
 def test_lora_dpo_step_merges_into_a_plain_policy(tok, tmp_path):
@@ -141,11 +157,11 @@ def test_lora_dpo_step_merges_into_a_plain_policy(tok, tmp_path):
 def test_nan_losses_stop_with_a_clear_error():
     from types import SimpleNamespace
 
-    from align.base import _check_finite
-    from align.stages import nan_guard
+    from align.methods import nan_guard
+    from align.training import check_finite
 
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
-        _check_finite(torch.tensor(float("nan")), "base AR", 7)
+        check_finite(torch.tensor(float("nan")), "base AR", 7)
     guard = nan_guard()
     guard.on_log(None, SimpleNamespace(global_step=3), None, logs={"loss": 0.5})  # finite: fine
     with pytest.raises(FloatingPointError, match="dpo.learning_rate"):

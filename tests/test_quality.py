@@ -11,13 +11,9 @@ from eval.quality import UTMOS, build_quality
 
 
 @pytest.fixture(scope="module")
-def real_wavs():
-    from .conftest import REAL_SPEECH
-
-    if not (REAL_SPEECH / "manifest.jsonl").exists():
-        pytest.skip("real recordings missing")
-    rows = [json.loads(line) for line in (REAL_SPEECH / "manifest.jsonl").read_text().splitlines()]
-    return [load_audio(REAL_SPEECH / r["audio"], 16000) for r in rows]
+def real_wavs(real_speech_dir):
+    rows = [json.loads(line) for line in (real_speech_dir / "manifest.jsonl").read_text().splitlines()]
+    return [load_audio(real_speech_dir / r["audio"], 16000) for r in rows]
 
 
 def test_dnsmos_p808_on_real_speech_beats_noise(real_wavs, caplog):

@@ -3,13 +3,15 @@
 three stages of the shipped tiny config, chat and one alignment round; HuBERT units through the base stage."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from align.speechgpt import (SFTExample, SpeechGPTConfig, SpeechGPTStageConfig, collate, com_examples,
-                             cross_modal_examples, pack_blocks, qa_pairs, sft_features, train_stage)
+from align.base.speechgpt import (SFTExample, collate, com_examples, cross_modal_examples, pack_blocks, qa_pairs,
+                                  sft_features, train_stage)
+from align.config import SpeechGPTConfig, SpeechGPTStageConfig
 from models import speechgpt as S
 
 from .conftest import REPO
@@ -162,7 +164,7 @@ def _accelerator():
 
 
 def test_train_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
-    import align.speechgpt as SG
+    import align.base.speechgpt as SG
     from safetensors.torch import load_file
 
     tok = S.build_tokenizer(8)
@@ -273,6 +275,7 @@ def test_base_model_from_a_local_folder_gets_units_and_format_tokens(tmp_path):
 # ---------------------------------------------------------------------------------------------
 TTS_TEXT, TTS_UNITS = "hello there", [1, 2, 3, 4, 5, 6, 7]  # distinct: a tiny model need not count repeats
 QA_INSTRUCTION, QA_QUESTION, QA_ANSWER = "Answer in text.", "who are you", "i am tiny"
+ASR_ANSWER = "a high tone"  # what the fixture teaches it to hear in heard.wav (its 800 Hz tone)
 
 
 @pytest.fixture(scope="module")
@@ -289,10 +292,16 @@ def tiny_policy_dir(tmp_path_factory):
     codec = MelRVQCodec.fit(CodecConfig(n_q=2, codebook_size=8, fit_max_frames=400, griffin_lim_iters=4, nnls_iters=0),
                             wavs)
     tok = S.build_tokenizer(codec.codebook_size)
+    # A spoken question as a file (what `chat --wav` reads): its RVQ-1 units as read back from disk
+    from models.audio import load_audio, save_audio
+
+    save_audio(root / "heard.wav", wavs[2][:8000], 16000)
+    heard_units = codec.encode(load_audio(root / "heard.wav", codec.sample_rate))[0]
     # Loss on the answers only (the whole prompt is the masked prefix): the fastest way to make a tiny
-    # model answer these two prompts exactly.
+    # model answer these three prompts exactly.
     dialogues = [SFTExample(S.prompt_text(S.TTS_INSTRUCTIONS[0], TTS_TEXT), S.tts_completion(TTS_UNITS), "tts"),
-                 SFTExample(S.prompt_text(QA_INSTRUCTION, QA_QUESTION), QA_ANSWER + S.EOA, "com")]
+                 SFTExample(S.prompt_text(QA_INSTRUCTION, QA_QUESTION), QA_ANSWER + S.EOA, "com"),
+                 SFTExample(S.prompt_text(S.ASR_INSTRUCTIONS[0], S.units_str(heard_units)), ASR_ANSWER + S.EOA, "asr")]
     items = [sft_features(tok, e, 1024) for e in dialogues]
     scfg = SpeechGPTStageConfig(steps=80, batch_size=2, lr=1e-2, warmup_ratio=0.05, log_every=80)
     lm = S.build_lm("tiny", len(tok), 1024, seed=0, pad_token_id=tok.pad_token_id)
@@ -311,7 +320,8 @@ def tiny_policy_dir(tmp_path_factory):
 
 
 def test_policy_declares_format_and_generates_units(tiny_policy_dir):
-    from models.codec_lm import Policy, format_of
+    from models.codec_lm import Policy
+    from models.layout import format_of
 
     fmt = format_of(tiny_policy_dir)
     assert fmt.name == "speechgpt"
@@ -330,7 +340,7 @@ def test_policy_declares_format_and_generates_units(tiny_policy_dir):
 
 
 def test_chat_answers_in_text_and_in_speech(tiny_policy_dir, tmp_path, capsys):
-    from align.audio import load_audio
+    from models.audio import load_audio
     from align.cli import main
     from models.codec_lm import Policy
 
@@ -349,9 +359,11 @@ def test_chat_answers_in_text_and_in_speech(tiny_policy_dir, tmp_path, capsys):
     # a spoken question goes through the codec's units into the prompt
     spoken = S.chat(policy, wav=np.zeros(8000, dtype=np.float32), speak=False, max_new_tokens=8)
     assert "This is input: <sosp><" in spoken.prompt
-    # ... and through the CLI: --wav reads a file (the reply written above) and answers
-    assert main(["chat", "--policy", str(tiny_policy_dir), "--wav", str(out), "--max-new-tokens", "8"]) == 0
-    assert "Response:" in capsys.readouterr().out
+    # ... and through the CLI: --wav reads a file, and the answer is the one trained for its units
+    heard = tiny_policy_dir.parent / "heard.wav"
+    assert main(["chat", "--policy", str(tiny_policy_dir), "--wav", str(heard), "--instruction", S.ASR_INSTRUCTIONS[0],
+                 "--max-new-tokens", "32"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"Response: {ASR_ANSWER}"]
     assert main(["chat", "--policy", str(tiny_policy_dir)]) == 2  # neither --text nor --wav: one-line error
 
 
@@ -360,11 +372,11 @@ def test_chat_answers_in_text_and_in_speech(tiny_policy_dir, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 def test_speechgpt_tiny_config_three_stages_chat_then_one_alignment_round(ci_overrides, tmp_path, capsys):
     """The issue's whole path on the shipped tiny config (about 2 minutes on 2 cores)."""
-    from align.audio import load_audio
+    from models.audio import load_audio
     from align.cli import main
     from align.config import load_config
     from align.loop import run_loop
-    from align.run import read_jsonl
+    from models.io import read_jsonl
     from models.codec_lm import Policy
 
     config = REPO / "configs" / "speechgpt-tiny.yaml"
@@ -386,13 +398,20 @@ def test_speechgpt_tiny_config_three_stages_chat_then_one_alignment_round(ci_ove
     assert main(["chat", "--policy", str(policy_dir), "--text", "the red ball is on the table",
                  "--instruction", S.TTS_INSTRUCTIONS[0], "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "Speech: " in printed and out.exists(), printed
+    spoken = re.search(r"^Speech: (\d+) units$", printed, re.M)
+    assert spoken and out.exists(), printed
     wav = load_audio(out, policy.codec.sample_rate)
-    assert len(wav) > policy.codec.sample_rate // 10 and np.isfinite(wav).all()
-    # ... and speech in, text out
+    # the WAV is those units rendered: one codec hop of audio per unit (T units invert to T - 1 hops), not silence
+    hop = policy.codec.cfg.hop_length
+    assert abs(len(wav) - int(spoken.group(1)) * hop) <= hop and len(wav) > policy.codec.sample_rate // 10
+    assert np.isfinite(wav).all() and np.abs(wav).max() > 1e-3
+    # ... and speech in, text out: the CLI prints what the policy answers to that file's units (seeded)
+    heard = S.chat(policy, wav=wav, instruction=S.ASR_INSTRUCTIONS[0], max_new_tokens=64, speak=False)
+    assert S.units_str(policy.codec.encode(wav)[0]) in heard.prompt
     assert main(["chat", "--policy", str(policy_dir), "--wav", str(out), "--instruction", S.ASR_INSTRUCTIONS[0],
                  "--max-new-tokens", "64"]) == 0
-    assert "Response: " in capsys.readouterr().out
+    assert f"Response: {heard.text}\n" in capsys.readouterr().out
+    assert heard.text and heard.units.numel() == 0  # asked to transcribe, it answers in text, not in units
 
     run_dir = run_loop(cfg)
     rows = {r["round"]: r for r in read_jsonl(run_dir / "metrics.jsonl")}
@@ -435,4 +454,17 @@ def test_hubert_units_through_the_base_stage_and_chat(ci_overrides, tmp_path, ca
     __import__("soundfile").write(wav, np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1, 16000)
     capsys.readouterr()
     assert main(["chat", "--policy", str(policy_dir), "--wav", str(wav), "--max-new-tokens", "16"]) == 0
-    assert "Response: " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # the question reached the model as the fitted k-means's HuBERT units (not the codec's), and the CLI
+    # printed the policy's answer to exactly that prompt
+    from models.audio import load_audio
+    from models.codec_lm import Policy
+
+    policy = Policy.load(policy_dir)
+    extractor = S.load_extractor(policy_dir / "speechgpt_units", codec=policy.codec)
+    question = load_audio(wav, extractor.sample_rate)
+    units = extractor.units(question)
+    assert extractor.kind == S.HubertKMeansUnits.kind and units.numel() > 0 and int(units.max()) < 16
+    reply = S.chat(policy, wav=question, extractor=extractor, max_new_tokens=16, speak=False)
+    assert f"This is input: {S.units_str(units)}<eoh>" in reply.prompt
+    assert f"Response: {reply.text}\n" in printed

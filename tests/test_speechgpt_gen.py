@@ -47,8 +47,8 @@ def test_round_from_the_speechgpt_gen_base(sgg_run):
 
 
 def test_crash_between_halves_resumes_without_retraining_the_ar(ci_overrides, monkeypatch):
-    import align.base
     import align.base.speechgpt_gen
+    import align.training
 
     cfg = load_config(CI_CONFIG, ci_overrides + SGG + ["name=ci_sgg_resume", "base.steps=3",
                                                        "speechgpt_gen.steps=3", "speechgpt_gen.crop_frames=64"])
@@ -69,7 +69,7 @@ def test_crash_between_halves_resumes_without_retraining_the_ar(ci_overrides, mo
         raise AssertionError("the AR half was trained again")
 
     monkeypatch.setattr(align.base.speechgpt_gen, "train_flow", original)
-    monkeypatch.setattr(align.base, "train_ar", no_retraining)
+    monkeypatch.setattr(align.training, "train_ar", no_retraining)  # where the base stage imports it from
     run_loop(cfg, stop_after="0:base")
     policy = cfg.run_dir / "round_000" / "policy"
     got = load_file(str(policy / "model.safetensors"))

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. dpo.beta=0.2")
     p.add_argument("--only-stage", choices=["base", "sample", "pair", "train", "dpo", "evaluate"],
-                   help="re-run only this stage in every round (replaces its output)")
+                   help="re-run only this stage in every round (replaces its output); dpo: the old name of train")
     p.add_argument("--dry-run", action="store_true",
                    help="check paths, sizes, memory per stage and tokens per round without loading weights; "
                         "exit 0 if runnable (warnings allowed), 2 if something is missing or does not fit")

@@ -57,10 +57,6 @@ def check_loss_type(loss_type: str) -> None:
         raise ValueError(f"dpo.loss_type={loss_type!r} is not one the installed TRL offers: {known}")
 
 
-
-
-
-
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------

@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("speechalign.speechgpt_gen")
 
 
-
-
 def flow_data(codec, examples: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(x1 = codec.latent(codes) [T, D], v1 = codec.semantic_latent(codes) [T, D]) per example."""
     if not hasattr(codec, "latent"):

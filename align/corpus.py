@@ -36,6 +36,7 @@ from align.config import CORPUS_IDENTITY_EXCLUDE, CorpusConfig
 from models.audio import is_silent_or_short, load_audio, save_audio
 from models.data import Utterance, write_manifest
 from models.io import atomic_write_text
+from models.phones import alignment_path, parse_psdur, segments_from_ends, write_alignment
 
 log = logging.getLogger("speechalign.corpus")
 
@@ -167,7 +168,14 @@ _TRIM_KEEP_S = 0.05  # keep a little silence: codecs and ASR clip hard onsets th
 
 
 def trim_silence(wav: np.ndarray, sample_rate: int, keep_s: float = _TRIM_KEEP_S) -> np.ndarray:
-    """Cut leading/trailing silence from a float `[n_samples]` waveform, keeping `keep_s` each side.
+    """Cut leading/trailing silence from a float `[n_samples]` waveform, keeping `keep_s` each side
+    (the bounds of `trim_bounds`)."""
+    start, end = trim_bounds(wav, sample_rate, keep_s)
+    return wav[start:end]
+
+
+def trim_bounds(wav: np.ndarray, sample_rate: int, keep_s: float = _TRIM_KEEP_S) -> tuple[int, int]:
+    """(start, end) samples of `wav` without its leading/trailing silence, `keep_s` kept each side.
 
     Silence is relative to the clip's own noise floor (the quiet 5 % of 10 ms frames): the diphone
     voices (awb, kal16) have a floor near -50 dB, slt/rms near -70 dB, so a fixed level would either
@@ -176,7 +184,7 @@ def trim_silence(wav: np.ndarray, sample_rate: int, keep_s: float = _TRIM_KEEP_S
     frame = max(1, int(0.01 * sample_rate))
     n = len(wav) // frame
     if n < 5:
-        return wav
+        return 0, len(wav)
     power = (wav[: n * frame].astype(np.float64).reshape(n, frame) ** 2).mean(axis=1)
     # 3-frame smoothing so a lone noise spike does not count as speech.
     power = np.convolve(power, np.ones(3) / 3, mode="same")
@@ -185,11 +193,9 @@ def trim_silence(wav: np.ndarray, sample_rate: int, keep_s: float = _TRIM_KEEP_S
     threshold = max(np.percentile(db, 5) + 8.0, peak - 50.0)
     loud = np.flatnonzero(db > threshold)
     if loud.size == 0:
-        return wav
+        return 0, len(wav)
     keep = int(keep_s * sample_rate)
-    start = max(0, loud[0] * frame - keep)
-    end = min(len(wav), (loud[-1] + 1) * frame + keep)
-    return wav[start:end]
+    return max(0, loud[0] * frame - keep), min(len(wav), (loud[-1] + 1) * frame + keep)
 
 
 def check_flite() -> str:
@@ -207,23 +213,28 @@ def _installed_voices(exe: str) -> set[str]:
 
 
 def synthesise(exe: str, voice: str, text: str, out_path: Path, sample_rate: int, trim: bool) -> None:
-    """Speak `text` with `voice` into `out_path` (16-bit WAV at `sample_rate`), atomically."""
+    """Speak `text` with `voice` into `out_path` (16-bit WAV at `sample_rate`), atomically, with its phone
+    alignment beside it (models/phones.py: flite's own durations, on the trimmed WAV's clock)."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, raw = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.stem}.", suffix=".flite.wav")
     os.close(fd)
     try:
-        proc = subprocess.run([exe, "-voice", voice, "-t", text, "-o", raw], capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run([exe, "-voice", voice, "-psdur", "-t", text, "-o", raw], capture_output=True,
+                              text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"flite -voice {voice} failed on {text!r} (exit {proc.returncode}): "
                                f"{proc.stderr.strip() or proc.stdout.strip()}; check `flite -lv` lists {voice}")
         wav = load_audio(raw, sample_rate)  # resamples voices whose native rate differs (kal: 8 kHz)
-        if trim:
-            wav = trim_silence(wav, sample_rate)
+        ends = parse_psdur(proc.stdout)
+        start, end = trim_bounds(wav, sample_rate) if trim else (0, len(wav))
+        # flite's clock runs a little off the WAV it writes; its last phone ends where the file does
+        segments = segments_from_ends(ends, scale=len(wav) / sample_rate / ends[-1][1], offset=start / sample_rate)
+        wav = wav[start:end]
         if is_silent_or_short(wav, sample_rate):
             raise RuntimeError(f"flite voice {voice} produced silence for {text!r}; the voice is broken, "
                                "drop it from corpus.voices or reinstall flite")
-        save_audio(out_path, wav, sample_rate)
+        write_alignment(out_path, segments, source=f"flite -voice {voice} -psdur")
+        save_audio(out_path, wav, sample_rate)  # last: a finished wav means its alignment is there too
     finally:
         Path(raw).unlink(missing_ok=True)
 
@@ -284,7 +295,9 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
                 raise ValueError(
                     f"{out_dir} holds a corpus built with another config (differs in: {', '.join(diff)}); "
                     "pass a new out_dir, or delete this one to rebuild")
-    if paths["corpus"].is_file() and all(paths[s].is_file() for s in ("train", "dev", "test")):
+    # (a corpus written before alignments existed lacks "alignments" and gets them below)
+    if (paths["corpus"].is_file() and all(paths[s].is_file() for s in ("train", "dev", "test"))
+            and json.loads(paths["corpus"].read_text(encoding="utf-8")).get("alignments")):
         log.info("corpus at %s is already prepared", out_dir)
         return paths
 
@@ -301,7 +314,8 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
         stale.unlink(missing_ok=True)
     plan = _plan(cfg)
     wav_path = lambda uid, voice: out_dir / "wav" / voice / f"{uid}.wav"  # noqa: E731
-    todo = [(uid, v, text) for rows in plan.values() for uid, v, text in rows if not wav_path(uid, v).is_file()]
+    todo = [(uid, v, text) for rows in plan.values() for uid, v, text in rows
+            if not (wav_path(uid, v).is_file() and alignment_path(wav_path(uid, v)).is_file())]
     total = sum(len(rows) for rows in plan.values())
     log.info("synthesising %d of %d utterances with flite (%d workers) into %s",
              len(todo), total, cfg.num_workers, out_dir)
@@ -339,6 +353,7 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
         "total": {"utterances": sum(c["utterances"] for c in counts.values()),
                   "hours": round(sum(c["hours"] for c in counts.values()), 4)},
         "speakers": list(cfg.voices),
+        "alignments": "flite -psdur phone segments beside each wav (<id>.align.json)",
         "manifests": {s: paths[s].name for s in ("train", "dev", "test")},
         "seconds_to_prepare": round(time.monotonic() - t0, 1),
     }

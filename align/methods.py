@@ -174,7 +174,6 @@ def dpo(ctx: "Context", k: int) -> dict:
 def sft_control(ctx: "Context", k: int) -> dict:
     """Continue-SFT on the golden tokens of this round's sampled prompts (no preference signal)."""
     from models.codec_lm import Policy
-    from models.layout import completion_str
 
     cfg, dcfg = ctx.cfg, ctx.cfg.dpo
     rows = read_jsonl(ctx.run.samples_dir(k) / "samples.jsonl")
@@ -186,9 +185,9 @@ def sft_control(ctx: "Context", k: int) -> dict:
         if r["id"] in seen:
             continue
         seen.add(r["id"])
-        golden = ctx.codes(by_id[r["id"]])[0]
+        golden = ctx.golden_stream(by_id[r["id"]], policy.format)
         examples.append((policy.format.prompt_str(ctx.codes(by_id[r["prompt_id"]])[0, :n_prompt], r["text"]),
-                         completion_str(golden)))
+                         policy.format.completion_str(golden)))
     loss, history = sft_steps(policy, examples, steps=dcfg.steps, lr=dcfg.learning_rate, batch_size=dcfg.batch_size,
                               warmup=int(dcfg.warmup_ratio * dcfg.steps), seed=cfg.seed + k, bcfg=cfg.base,
                               name=f"round {k} sft_control")

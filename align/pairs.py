@@ -198,11 +198,14 @@ def rank_group(scores: list[dict[str, float]], pcfg: PairConfig) -> tuple[int, i
 # ---------------------------------------------------------------------------------------------
 def golden_vs_synthetic(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
     """Golden RVQ-1 = chosen, each synthetic sample = rejected; scored by token distance and length."""
+    from models.layout import format_of
+
     pcfg = ctx.cfg.pair
+    fmt = format_of(ctx.run.policy_dir(k - 1))  # golden speech in the layout of the policy being aligned
     by_id = {u.id: u for u in ctx.splits.train}
     pairs = []
     for r in rows:
-        golden = ctx.codes(by_id[r["id"]])[0].tolist()
+        golden = ctx.golden_stream(by_id[r["id"]], fmt).tolist()
         synth = r["codes"]
         dist = token_distance(golden, synth)
         keep = dist >= pcfg.min_distance

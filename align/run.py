@@ -269,6 +269,26 @@ class Context:
             return self.codec.sample_rate
         return codec_sample_rate(self.cfg.codec)
 
+    def golden_stream(self, utt: Utterance, fmt) -> torch.LongTensor:
+        """The golden speech of ``utt`` in a sequence format's stream: RVQ-1 codes [T], or for the interleaved
+        layout each text unit's marker before its frames [T + units] (from the audio's phone alignment)."""
+        from models.layout import interleave
+        from models.phones import alignment_path, frame_units, read_alignment
+
+        first = self.codes(utt)[0]
+        if fmt.units is None:
+            return first
+        segments = read_alignment(utt.audio)
+        if segments is None:
+            raise ValueError(f"{utt.id}: the interleaved layout needs a phone alignment of {utt.audio} "
+                             f"({alignment_path(utt.audio)} is missing); the embedded corpus writes them, for other "
+                             "data use policy.layout=plain")
+        units = fmt.units(utt.text)
+        try:
+            return interleave(first, frame_units(segments, units, len(first), self.codec.frame_rate), units)
+        except ValueError as e:
+            raise ValueError(f"{utt.id}: cannot align its {len(units)} text units to {len(first)} frames: {e}") from e
+
     def codes(self, utt: Utterance) -> torch.LongTensor:
         """Golden codes of an utterance: LongTensor [n_q, T], encoded once per (codec, audio file)."""
         codec = self.codec

@@ -119,15 +119,33 @@ def golden_examples(ctx: "Context", salt: int) -> list[tuple[str, torch.Tensor, 
     return out
 
 
+def policy_format(ctx: "Context"):
+    """The sequence format a policy trained under this run's ``policy:`` section speaks."""
+    from models.layout import format_for
+
+    pcfg = ctx.cfg.policy
+    return format_for({"format": "interleaved" if pcfg.layout == "interleaved" else "codec_lm",
+                       "text_frontend": pcfg.text_frontend})
+
+
+def golden_streams(ctx: "Context", fmt) -> list[torch.LongTensor]:
+    """The golden stream (``Context.golden_stream``) of every training utterance, in ``golden_examples`` order."""
+    from tqdm import tqdm
+
+    return [ctx.golden_stream(u, fmt) for u in tqdm(ctx.splits.train, desc="golden streams", leave=False)]
+
+
 def train_ar(ctx: "Context", examples: list, rng: random.Random, device: str | None = None,
              accelerator=None) -> tuple[torch.nn.Module, object, dict]:
-    """The AR codec LM: text + prompt RVQ-1 -> RVQ-1 by teacher forcing (loss on the speech part only).
+    """The AR codec LM: text + prompt RVQ-1 -> RVQ-1 by teacher forcing (loss on the speech part only),
+    in the layout ``policy.layout`` names (``policy_format``).
 
     examples: ``golden_examples(ctx, salt)`` rows. Returns (lm on ``device``, tokenizer, stats with ar_loss,
-    history, frames_per_char, examples). Shared by every base stage that trains the AR half.
+    history, frames_per_char, examples, and for the interleaved layout max_frames_per_unit). Shared by every
+    base stage that trains the AR half.
     """
     from models.codec_lm import build_lm
-    from models.layout import build_tokenizer, completion_str, prompt_str, text_length
+    from models.layout import build_tokenizer, split_stream, text_length
 
     cfg, bcfg = ctx.cfg, ctx.cfg.base
     device = device or ctx.device
@@ -138,11 +156,18 @@ def train_ar(ctx: "Context", examples: list, rng: random.Random, device: str | N
     chars = sum(text_length(t, frontend) for t, _, _ in examples)
     frames = sum(c.shape[1] for _, c, _ in examples)
     frames_per_char = frames / max(1, chars)
+    fmt = policy_format(ctx)
+    streams = golden_streams(ctx, fmt) if fmt.units is not None else [c[0] for _, c, _ in examples]
+    extra = {}
+    if fmt.units is not None:
+        # the cap on one unit's frames at generation: the longest in the training data, with room to spare
+        longest = max(int(torch.bincount(split_stream(s)[2]).max()) for s in streams)
+        extra["max_frames_per_unit"] = longest + 10
 
     seqs = []
-    for text, codes, prompt in examples:
-        p_ids = tok(prompt_str(prompt[0, :n_prompt], text, frontend), add_special_tokens=False)["input_ids"]
-        c_ids = tok(completion_str(codes[0]), add_special_tokens=False)["input_ids"]
+    for (text, codes, prompt), stream in zip(examples, streams):
+        p_ids = tok(fmt.prompt_str(prompt[0, :n_prompt], text), add_special_tokens=False)["input_ids"]
+        c_ids = tok(fmt.completion_str(stream), add_special_tokens=False)["input_ids"]
         seqs.append((p_ids, c_ids))
     max_len = max(len(p) + len(c) for p, c in seqs)
     lm = build_lm(cfg.policy.size, len(tok), max(2048, max_len + 64), cfg.seed).to(device)
@@ -154,7 +179,7 @@ def train_ar(ctx: "Context", examples: list, rng: random.Random, device: str | N
                             n_items=len(seqs), batch_size=bcfg.batch_size, steps=bcfg.steps, lr=bcfg.lr,
                             warmup=bcfg.warmup_steps, betas=(0.9, 0.98), bcfg=bcfg, rng=rng, accelerator=accelerator)
     return lm, tok, {"ar_loss": ar_final, "history": history, "frames_per_char": frames_per_char,
-                     "examples": len(seqs)}
+                     "examples": len(seqs), **extra}
 
 
 def train_nar(ctx: "Context", examples: list, rng: random.Random, *, size: str, steps: int, batch_size: int,
@@ -181,6 +206,37 @@ def train_nar(ctx: "Context", examples: list, rng: random.Random, *, size: str, 
     loss, _ = fit(name, nar, nar_step_loss, n_items=len(examples), batch_size=batch_size, steps=steps, lr=lr,
                   warmup=min(bcfg.warmup_steps, steps // 10), betas=(0.9, 0.999), bcfg=bcfg, rng=rng)
     return nar, loss
+
+
+def train_renderer(ctx: "Context", examples: list, rng: random.Random, *, size: str, steps: int, batch_size: int,
+                   lr: float, seed: int, name: str = "base renderer") -> tuple[torch.nn.Module, float]:
+    """The phone renderer (models/renderer.py): golden RVQ-1 + frame units + prompt latent -> golden latent.
+
+    examples: ``golden_examples`` rows. Returns (renderer on the run's device, smoothed final L1 loss).
+    """
+    from models.layout import split_stream
+    from models.renderer import PhoneRenderer, RendererConfig, renderer_batch
+
+    cfg, bcfg, codec = ctx.cfg, ctx.cfg.base, ctx.codec
+    n_prompt = prompt_frames(cfg.policy.prompt_seconds, codec.frame_rate)
+    streams = golden_streams(ctx, policy_format(ctx))
+    rows = []
+    for (_, codes, prompt), stream in zip(examples, streams):
+        first, unit_ids, unit_pos = split_stream(stream)
+        rows.append((codec.latent(prompt[:, :n_prompt]), first, unit_ids, unit_pos, codec.latent(codes)))
+    torch.manual_seed(seed)
+    rcfg = RendererConfig.named(size, codec.latent_dim, codec.codebook_size)
+    rcfg.max_frames = max(rcfg.max_frames, n_prompt + max(len(r[1]) for r in rows) + 8)
+    model = PhoneRenderer(rcfg).to(ctx.device)
+
+    def step_loss(batch: list[int]) -> torch.Tensor:
+        b = renderer_batch([rows[i] for i in batch])
+        return model.loss({k: v.to(ctx.device) for k, v in b.items()})
+
+    log.info("%s: %d examples, %.2fM params", name, len(rows), sum(p.numel() for p in model.parameters()) / 1e6)
+    loss, _ = fit(name, model, step_loss, n_items=len(rows), batch_size=batch_size, steps=steps, lr=lr,
+                  warmup=min(bcfg.warmup_steps, steps // 10), betas=(0.9, 0.98), bcfg=bcfg, rng=rng)
+    return model, loss
 
 
 def sft_steps(policy, examples: list[tuple[str, str]], *, steps: int, lr: float, batch_size: int, warmup: int,

@@ -94,25 +94,29 @@ def pca_2d(golden: list, synthetic: list, codebook_size: int) -> np.ndarray:
 @torch.no_grad()
 def completion_logprobs(policy, texts: list[str], prompts: list[torch.Tensor], seqs: list,
                         batch_size: int = 16) -> np.ndarray:
-    """Mean per-token log-prob [N] of each code sequence (+ ``<eos>``) given its text and prompt.
+    """Mean per-token log-prob [N] of each speech stream (+ ``<eos>``) given its text and prompt.
 
-    texts: N strings; prompts: N LongTensors [n_q, Tp] (full prompt codes); seqs: N code sequences [T_i].
-    Log-probs are over the tokens the policy may emit (codec tokens and ``<eos>``), as it samples.
+    texts: N strings; prompts: N LongTensors [n_q, Tp] (full prompt codes); seqs: N streams of the
+    policy's layout [T_i] (RVQ-1 codes, with unit markers when interleaved). Log-probs are over the
+    tokens the policy may emit (codec tokens, ``<eos>`` and, interleaved, the text units), as it samples.
     """
-    from models.layout import prompt_str
+    from models.layout import TEXT_UNITS
 
-    lm, tok = policy.lm.eval(), policy.tokenizer
+    lm, tok, fmt = policy.lm.eval(), policy.tokenizer, policy.format
     device = next(lm.parameters()).device
-    offset, K = policy.code_offset, policy.codec.codebook_size
-    allowed = torch.tensor(list(range(offset, offset + K)) + [tok.eos_token_id], device=device)
+    K = policy.codec.codebook_size
+    emit = fmt.speech_tokens(K) + fmt.stop_tokens + (TEXT_UNITS if fmt.units is not None else [])
+    allowed = torch.tensor(tok.convert_tokens_to_ids(emit), device=device)
+    column = torch.full((len(tok),), -1, dtype=torch.long, device=device)  # vocab id -> column of `allowed`
+    column[allowed] = torch.arange(len(allowed), device=device)
     max_len = int(getattr(lm.config, "max_position_embeddings", 1 << 30))
     out = np.zeros(len(seqs))
     for start in range(0, len(seqs), batch_size):
         ids, starts = [], []
         for t, p, s in zip(texts[start:start + batch_size], prompts[start:start + batch_size],
                            seqs[start:start + batch_size]):
-            head = tok(prompt_str(policy.prompt_codes(p)[0], t), add_special_tokens=False)["input_ids"]
-            tail = [offset + int(c) for c in np.asarray(s).reshape(-1)] + [tok.eos_token_id]
+            head = tok(policy.conditioning(p, t), add_special_tokens=False)["input_ids"]
+            tail = tok(fmt.completion_str(torch.as_tensor(np.asarray(s)).reshape(-1)), add_special_tokens=False)["input_ids"]
             seq = (head + tail)[:max_len]
             ids.append(seq)
             starts.append(len(head))
@@ -124,11 +128,9 @@ def completion_logprobs(policy, texts: list[str], prompts: list[torch.Tensor], s
             x[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
         logits = lm(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[..., allowed], dim=-1)  # [B, L, K+1] over what it may emit
-        # map vocab id -> column of `allowed` (codes are contiguous from offset, eos last)
+        logp = torch.log_softmax(logits[..., allowed], dim=-1)  # [B, L, |allowed|] over what it may emit
         for i, s in enumerate(ids):
-            target = torch.tensor(s[starts[i]:], device=device)
-            col = torch.where(target == tok.eos_token_id, torch.tensor(K, device=device), target - offset)
+            col = column[torch.tensor(s[starts[i]:], device=device)]
             pos = torch.arange(starts[i] - 1, len(s) - 1, device=device)
             out[start + i] = float(logp[i, pos, col].mean()) if len(pos) else float("nan")
     return out
@@ -138,7 +140,7 @@ def gap_analysis(policy, texts: list[str], prompts: list[torch.Tensor], golden: 
                  *, temperature: float, top_k: int, top_p: float, seed: int, batch_size: int) -> tuple[dict, dict]:
     """Sample the policy on (texts, prompts), then measure the golden-vs-synthetic gap.
 
-    golden: N LongTensors [T_i] (RVQ-1 of the real recordings). Returns (summary, detail): summary
+    golden: N golden streams of the policy's layout [T_i] (``Context.golden_stream``). Returns (summary, detail): summary
     holds ``gap_auc``, ``gap_logp_margin``, ``gap_logp_golden``, ``gap_logp_synthetic``, ``gap_n``
     (goes into the round's eval summary and metrics.jsonl); detail adds per-utterance log-probs, the
     PCA coordinates and labels (1 golden, 0 synthetic) for the report.
@@ -148,6 +150,7 @@ def gap_analysis(policy, texts: list[str], prompts: list[torch.Tensor], golden: 
     K = policy.codec.codebook_size
     lp_gold = completion_logprobs(policy, texts, prompts, golden, batch_size)
     lp_syn = completion_logprobs(policy, texts, prompts, synth, batch_size)
+    golden, synth = [policy.format.frames(g) for g in golden], [policy.format.frames(s) for s in synth]  # codes [T]
     auc = classifier_auc(golden, synth, ids, K, seed=seed)
     summary = {"gap_auc": auc, "gap_logp_margin": float(np.nanmean(lp_gold - lp_syn)),
                "gap_logp_golden": float(np.nanmean(lp_gold)), "gap_logp_synthetic": float(np.nanmean(lp_syn)),

@@ -8,6 +8,11 @@ codes into audio. A sequence reads (models/layout.py)::
           \\_ voice prompt: RVQ-1 of another   \\_ text, one token   \\_ RVQ-1 of the
              utterance of the same speaker       per character        target speech
 
+With ``policy.layout: interleaved`` the speech part instead writes each text unit just before its
+codes (``<speech> HH <a3> <a3> AY <a7> ... <eos>``, models/layout.py) and generation walks through
+the text's units (``_WalkUnits``); ``policy.renderer: phones`` then renders codes and units through
+models/renderer.py instead of the NAR.
+
 TRL's DPOTrainer tokenizes string columns with the policy's ``processing_class`` and has no
 pre-tokenized path, so the policy carries a real ``PreTrainedTokenizerFast`` over this vocabulary
 (codec tokens written as strings ``<a123>``), saved with the model. DPO's ``prompt`` is everything
@@ -16,7 +21,7 @@ up to ``<speech>``, ``chosen``/``rejected`` the codes after it.
 A policy directory (what every round writes and ``Policy.load`` reads)::
 
     policy/config.json model.safetensors tokenizer.json ...   # transformers: from_pretrained loads it
-    policy/nar/       policy/codec/       policy/speechalign.json
+    policy/nar/ (or renderer/, flow/)   policy/codec/       policy/speechalign.json
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 
 from models.codec import Codec, load_codec, prompt_frames
-from models.layout import LAYOUT_VERSION, TEXT_FRONTENDS, SequenceFormat, codec_token, format_for, text_length, with_hint
+from models.layout import LAYOUT_VERSION, TEXT_FRONTENDS, TEXT_UNITS, SequenceFormat, codec_token, format_for, text_length, with_hint
 from models.nar import NAR_KINDS, NARModel, load_nar
 
 log = logging.getLogger("speechalign.policy")
@@ -51,6 +56,14 @@ class PolicyConfig:
         "help": "how text enters the policy: chars (letters) or phones (ARPAbet from the CMU dictionary the "
                 "pocketsphinx package ships; out-of-dictionary words fall back to letters). Phones spare a "
                 "small model from learning English spelling from a few hundred sentences"})
+    layout: str = field(default="plain", metadata={
+        "help": "sequence layout: plain (the paper's: text, then all RVQ-1 codes) or interleaved (each text unit "
+                "just before its codes, as in ELLA-V; needs phone alignments of the training audio, which the "
+                "embedded corpus writes)"})
+    renderer: str = field(default="nar", metadata={
+        "help": "what turns RVQ-1 into audio: nar (levels 2..n_q token by token, policy.nar_type) or phones (a "
+                "codec latent regressed from RVQ-1 and each frame's unit, then quantised; needs layout interleaved)"})
+    renderer_size: str = field(default="tiny", metadata={"help": "phones renderer size: tiny, base, paper"})
     pretrained: str | None = field(default=None, metadata={
         "help": "start from this policy directory instead of training a base model"})
 
@@ -63,9 +76,19 @@ class PolicyConfig:
             raise ValueError(f"policy.prompt_seconds={self.prompt_seconds} must be in (0, 10]")
         if self.max_seconds <= 0:
             raise ValueError(f"policy.max_seconds={self.max_seconds} must be > 0")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"policy.layout={self.layout!r}: choose one of {LAYOUTS}")
+        if self.renderer not in RENDERERS:
+            raise ValueError(f"policy.renderer={self.renderer!r}: choose one of {RENDERERS}")
+        if self.renderer == "phones" and self.layout != "interleaved":
+            raise ValueError("policy.renderer=phones reads each frame's text unit, which only the interleaved layout "
+                             "writes: set policy.layout=interleaved (or policy.renderer=nar)")
         if self.text_frontend not in TEXT_FRONTENDS:
             raise ValueError(f"policy.text_frontend={self.text_frontend!r}: choose one of {TEXT_FRONTENDS}")
 
+
+LAYOUTS = ("plain", "interleaved")
+RENDERERS = ("nar", "phones")
 
 # Named AR sizes. 'paper' is the LLaMA-7B shape the SpeechAlign paper used.
 AR_SIZES = {
@@ -100,6 +123,57 @@ class _AllowOnly:
         return scores + self.mask[: scores.shape[-1]].to(scores.device)
 
 
+class _WalkUnits:
+    """Logits processor of the interleaved layout: each row walks through its text's units in order.
+
+    After ``<speech>`` only the first unit may come; a unit is followed by at least one codec token;
+    then codec tokens or the next unit (``<eos>`` after the last) compete, the next unit with the
+    mass of every unit token, until ``max_frames`` frames of one unit force it. So a sample always says every unit once, in order, and its length is
+    bounded by units x (max_frames + 1) + 1 tokens.
+
+    units: per input row, the token ids of its units (rows = texts x num_return_sequences, in
+    generate's order); codec_ids: LongTensor of the codec-token ids.
+    """
+
+    def __init__(self, units: list[list[int]], codec_ids: torch.Tensor, eos_id: int, vocab_size: int,
+                 max_frames: int, unit_ids: torch.Tensor):
+        self.units, self.eos_id, self.max_frames = units, eos_id, max_frames
+        self.unit_ids = torch.cat([unit_ids, torch.tensor([eos_id])])
+        self.codec_mask = torch.full((vocab_size,), float("-inf"))
+        self.codec_mask[codec_ids] = 0.0
+        self.is_codec = torch.zeros(vocab_size, dtype=torch.bool)
+        self.is_codec[codec_ids] = True
+        self.pos = [0] * len(units)      # units emitted so far
+        self.frames = [0] * len(units)   # codec tokens since the last unit
+        self.started = False
+
+    def __call__(self, input_ids, scores):
+        rows = scores.shape[0]
+        if self.started:  # read the token chosen at the previous step
+            last = input_ids[:, -1].tolist()
+            for r in range(rows):
+                if last[r] < len(self.is_codec) and self.is_codec[last[r]]:
+                    self.frames[r] += 1
+                elif self.pos[r] < len(self.units[r]) and last[r] == self.units[r][self.pos[r]]:
+                    self.pos[r] += 1
+                    self.frames[r] = 0
+        self.started = True
+        mask = torch.full_like(scores, float("-inf"))
+        # The policy says "this unit is over" by putting mass on *a* unit token; which one comes next is
+        # the text's business. So the next unit gets the mass of every unit token (and <eos>): a small
+        # model that is unsure which phone follows must not be pushed into another frame by that doubt.
+        advance = torch.logsumexp(scores[:, self.unit_ids.to(scores.device)], dim=-1)
+        out = scores.clone()
+        for r in range(rows):
+            nxt = self.units[r][self.pos[r]] if self.pos[r] < len(self.units[r]) else self.eos_id
+            if self.pos[r] > 0 and self.frames[r] < self.max_frames:
+                mask[r] = self.codec_mask[: scores.shape[-1]].to(scores.device)
+            if self.pos[r] == 0 or self.frames[r] > 0:
+                mask[r, nxt] = 0.0
+                out[r, nxt] = advance[r]
+        return out + mask
+
+
 @dataclass
 class Policy:
     """AR LM + tokenizer + NAR + codec; everything needed to go from (text, prompt) to audio."""
@@ -110,6 +184,7 @@ class Policy:
     codec: Codec
     meta: dict = field(default_factory=dict)  # prompt_seconds, frames_per_char, max_seconds, quality_hint, ...
     flow: "torch.nn.Module | None" = None  # models.flow.FlowModel: renders RVQ-1 instead of the NAR
+    renderer: "torch.nn.Module | None" = None  # models.renderer.PhoneRenderer: renders interleaved streams
     reranker: object | None = None  # models.reward.BestOfN: generate() returns reward-reranked samples
 
     @property
@@ -142,11 +217,13 @@ class Policy:
                 self.nar.save(tmp / "nar")
             if self.flow is not None:
                 self.flow.save(tmp / "flow")
+            if self.renderer is not None:
+                self.renderer.save(tmp / "renderer")
             self.codec.save(tmp / "codec")
             if self.reranker is not None:
                 self.reranker.save(tmp / "reward_model")
             meta = dict(self.meta, layout_version=LAYOUT_VERSION, codec_identity=self.codec.identity,
-                        renderer="flow" if self.flow is not None else "nar")
+                        renderer="flow" if self.flow is not None else "phones" if self.renderer is not None else "nar")
             (tmp / "speechalign.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -169,6 +246,11 @@ class Policy:
             from models.flow import FlowModel
 
             flow = FlowModel.load(path / "flow").to(device)
+        renderer = None
+        if meta.get("renderer") == "phones":
+            from models.renderer import PhoneRenderer
+
+            renderer = PhoneRenderer.load(path / "renderer").to(device)
         reranker = None
         if (path / "reward_model" / "best_of_n.json").is_file():
             from models.reward import BestOfN
@@ -176,11 +258,13 @@ class Policy:
             reranker = BestOfN.load(path / "reward_model", device)
         codec = load_codec(path / "codec")
         # (a HuBERT-unit SpeechGPT policy speaks through its unit vocoder, not the codec's levels)
-        if nar is None and flow is None and codec.n_q > 1 and meta.get("unit_vocoder", "codec") == "codec":
+        if (nar is None and flow is None and renderer is None and codec.n_q > 1
+                and meta.get("unit_vocoder", "codec") == "codec"):
             raise ValueError(f"{path}: the codec has {codec.n_q} levels but the policy has no nar/ folder (nor a flow), "
                              "so it could only render RVQ-1 alone and every score would be of that; copy the round's "
                              "whole policy/ directory, or re-run its base stage")
-        return cls(lm=lm, tokenizer=tokenizer, nar=nar, codec=codec, meta=meta, flow=flow, reranker=reranker)
+        return cls(lm=lm, tokenizer=tokenizer, nar=nar, codec=codec, meta=meta, flow=flow, renderer=renderer,
+                   reranker=reranker)
 
     def conditioning(self, prompt_codes: torch.Tensor, text: str) -> str:
         """The prompt string for (full prompt codes [n_q, Tp], text), with the policy's quality hint if any."""
@@ -244,8 +328,8 @@ class Policy:
         K = self.codec.codebook_size
         fmt = self.format
         stop_ids = tok.convert_tokens_to_ids(fmt.stop_tokens)
-        allowed = torch.tensor(tok.convert_tokens_to_ids(fmt.speech_tokens(K)) + stop_ids)
-        processor = _AllowOnly(allowed, len(tok))
+        speech_ids = tok.convert_tokens_to_ids(fmt.speech_tokens(K))
+        allowed = torch.tensor(speech_ids + stop_ids)
         max_frames = int(self.meta.get("max_seconds", 6.0) * self.codec.frame_rate)
         results: list[list[torch.LongTensor]] = []
         order = range(0, len(texts), batch_size)
@@ -256,6 +340,14 @@ class Policy:
             # Cap length by the text: 2.5x the training data's frames per character, so a policy that
             # never emits <eos> cannot stall a round on max_seconds of babble.
             max_new = int(min(max_frames, 2.5 * max(self.expected_frames(t) for t in batch_texts) + 10))
+            if fmt.units is None:
+                processor = _AllowOnly(allowed, len(tok))
+            else:  # the walk through the units bounds the length itself
+                cap = int(self.meta["max_frames_per_unit"])
+                units = [tok.convert_tokens_to_ids(fmt.units(t)) for t in batch_texts for _ in range(n)]
+                processor = _WalkUnits(units, torch.tensor(speech_ids), stop_ids[0], len(tok), cap,
+                                       torch.tensor(tok.convert_tokens_to_ids(TEXT_UNITS)))
+                max_new = max(len(u) for u in units) * (cap + 1) + 1
             torch.manual_seed(seed + start)
             from transformers import LogitsProcessorList
 
@@ -270,18 +362,33 @@ class Policy:
                 for j in range(n):
                     ids = new[i * n + j]
                     ids = ids[ids != tok.pad_token_id]
-                    codes = fmt.parse_codes("".join(tok.convert_ids_to_tokens(ids.tolist())))
-                    samples.append(codes.clamp(0, K - 1).long())
+                    stream = fmt.parse_codes(" ".join(tok.convert_ids_to_tokens(ids.tolist())))
+                    samples.append(torch.where(stream >= 0, stream.clamp(max=K - 1), stream).long())
                 results.append(samples)
         return results
 
     @torch.no_grad()
     def render(self, first: torch.Tensor, prompt: torch.Tensor) -> np.ndarray:
-        """RVQ-1 codes [T] + full prompt codes [n_q, Tp] -> waveform float32 [n] (NAR, then codec).
+        """A stream of the policy's layout [T'] (RVQ-1 codes, with unit markers when interleaved) + full
+        prompt codes [n_q, Tp] -> waveform float32 [n] (NAR, then codec).
 
         With a flow model (meta renderer "flow") the RVQ-1 codes and the prompt's latent go through the
-        flow to a codec latent instead, decoded by ``codec.decode_latent``.
+        flow to a codec latent instead, decoded by ``codec.decode_latent``. With a phone renderer
+        (meta renderer "phones") codes and units go to a codec latent that is quantised through the
+        codec (``codec.quantize`` where it has one) and decoded.
         """
+        first = torch.as_tensor(first).long()
+        if self.renderer is not None:
+            from models.layout import split_stream
+
+            codes, unit_ids, unit_pos = split_stream(first)
+            if codes.numel() == 0:
+                return np.zeros(0, dtype=np.float32)
+            latent = self.renderer.generate(self.codec.latent(self.prompt_codes(prompt)), codes, unit_ids, unit_pos)
+            if hasattr(self.codec, "quantize") and self.meta.get("render_latent", "quantised") == "quantised":
+                return self.codec.decode(self.codec.quantize(latent))
+            return self.codec.decode_latent(latent)
+        first = self.format.frames(first)
         if first.numel() == 0:
             return np.zeros(0, dtype=np.float32)
         if self.flow is not None:
@@ -299,7 +406,13 @@ class Policy:
         return sum(p.numel() for p in self.lm.parameters())
 
 
-def policy_meta(cfg: PolicyConfig, frames_per_char: float) -> dict:
-    """frames_per_char: golden frames per text token (a character or a phone, with word separators)."""
-    return {"prompt_seconds": cfg.prompt_seconds, "max_seconds": cfg.max_seconds, "text_frontend": cfg.text_frontend,
+def policy_meta(cfg: PolicyConfig, frames_per_char: float, max_frames_per_unit: int | None = None) -> dict:
+    """frames_per_char: golden frames per text token (a character or a phone, with word separators);
+    max_frames_per_unit: the interleaved layout's cap on one unit's frames (from the training data)."""
+    meta = {"prompt_seconds": cfg.prompt_seconds, "max_seconds": cfg.max_seconds, "text_frontend": cfg.text_frontend,
             "frames_per_char": frames_per_char, "size": cfg.size, "policy_config": dataclasses.asdict(cfg)}
+    if cfg.layout == "interleaved":
+        if max_frames_per_unit is None:
+            raise ValueError("the interleaved layout needs max_frames_per_unit")
+        meta.update(format="interleaved", max_frames_per_unit=int(max_frames_per_unit))
+    return meta

@@ -34,6 +34,9 @@ def convert_voice(policy_dir: str | Path, source_wav: str | Path, prompt_wav: st
     """Voice conversion: the source's RVQ-1 tokens (what is said) + the target prompt (whose voice),
     through the renderer. Writes ``out``; returns {frames, seconds, out}."""
     policy = Policy.load(policy_dir, device=device)
+    if policy.renderer is not None:
+        raise ValueError(f"{policy_dir} renders through a phone renderer, which needs the text unit of every source "
+                         "frame; voice conversion takes a policy with a flow (SpeechGPT-Gen) or NAR renderer")
     if policy.flow is None:
         log.warning("%s has no flow model; converting through its NAR renderer instead", policy_dir)
     codec = policy.codec

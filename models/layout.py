@@ -126,7 +126,7 @@ def completion_str(codes) -> str:
 
 
 def parse_codes(s: str) -> torch.LongTensor:
-    """Inverse of ``codes_to_str``; stops at ``<eos>``. Returns LongTensor [T]."""
+    """Inverse of ``codes_to_str`` (spaces between tokens or not); stops at ``<eos>``. Returns LongTensor [T]."""
     s = s.split("<eos>")[0]
     return torch.tensor([int(m) for m in _CODE_RE.findall(s)], dtype=torch.long)
 
@@ -138,21 +138,29 @@ def parse_codes(s: str) -> torch.LongTensor:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SequenceFormat:
-    """One sequence layout: DPO's prompt/completion strings and how generated speech is read back."""
+    """One sequence layout: DPO's prompt/completion strings and how generated speech is read back.
+
+    A layout's *stream* is the speech part as integers: codec codes (>= 0), and in the interleaved
+    layout also text-unit markers (< 0, ``unit_marker``). Samples, pairs and evaluation rows store
+    streams; ``frames`` takes the codes out of one.
+    """
 
     name: str
     prompt_str: Callable[..., str]        # (prompt_codes [Tp], text) -> prompt
-    completion_str: Callable[..., str]    # (codes [T]) -> completion (DPO chosen/rejected)
-    parse_codes: Callable[[str], torch.LongTensor]  # generated token string -> codes [T]
+    completion_str: Callable[..., str]    # (stream [T']) -> completion (DPO chosen/rejected)
+    parse_codes: Callable[[str], torch.LongTensor]  # generated token string -> stream [T']
     speech_tokens: Callable[[int], list[str]]       # codebook_size -> tokens generation may emit
     stop_tokens: list[str]                          # tokens that end generation
+    units: Callable[[str], list[str]] | None = None  # interleaved: text -> the units its stream walks through
+    frames: Callable[[torch.Tensor], torch.Tensor] = lambda stream: stream  # stream [T'] -> codes [T]
 
 
 CODEC_LM_FORMAT = SequenceFormat(name="codec_lm", prompt_str=prompt_str, completion_str=completion_str,
                                  parse_codes=parse_codes,
                                  speech_tokens=lambda k: [codec_token(i) for i in range(k)], stop_tokens=["<eos>"])
 # name -> "module:factory" (imported lazily: a format's module may import this one)
-SEQUENCE_FORMATS = {"codec_lm": "models.layout:_codec_lm_format", "speechgpt": "models.speechgpt:speechgpt_format"}
+SEQUENCE_FORMATS = {"codec_lm": "models.layout:_codec_lm_format", "interleaved": "models.layout:_interleaved_format",
+                    "speechgpt": "models.speechgpt:speechgpt_format"}
 
 
 def _codec_lm_format() -> SequenceFormat:
@@ -172,9 +180,91 @@ def format_for(meta: dict) -> SequenceFormat:
     """The sequence format a policy's meta declares (``format``, default codec_lm), with its text frontend."""
     fmt = get_format(meta.get("format", "codec_lm"))
     frontend = meta.get("text_frontend", "chars")
-    if fmt.name == "codec_lm" and frontend != "chars":
+    if fmt.name in ("codec_lm", "interleaved") and frontend != "chars":
         fmt = dataclasses.replace(fmt, prompt_str=functools.partial(prompt_str, frontend=frontend))
+    if fmt.name == "interleaved":
+        fmt = dataclasses.replace(fmt, units=functools.partial(text_units, frontend=frontend))
     return fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# The interleaved layout (after ELLA-V, arXiv 2401.07333): each text unit is written just before
+# its frames, so the policy reads its place in the text off its own output and cannot skip or
+# repeat words; at generation the next unit is the only other token allowed after a unit's first
+# frame (models/codec_lm.py), and a cap on frames per unit stops a runaway.
+#
+#     <bos> <prompt> <a12> ... <text> HH AY | DH EH R <speech> HH <a3> <a3> AY <a7> ... R <a9> <eos>
+# ---------------------------------------------------------------------------------------------
+TEXT_UNITS = TEXT_CHARS[:-1] + PHONES  # what a unit can be: a phone, or a letter of an out-of-dictionary word
+_UNIT_INDEX = {u: i for i, u in enumerate(TEXT_UNITS)}
+
+
+def text_units(text: str, frontend: str = "chars") -> list[str]:
+    """The units of ``text`` in order, without word separators: ``["HH", "AY", "DH", "EH", "R"]``."""
+    return [t for t in text_to_tokens(text, frontend).split() if t != "|"]
+
+
+def unit_marker(unit: str) -> int:
+    """A unit's stream value (< 0, so it can never be mistaken for a codec code)."""
+    return -1 - _UNIT_INDEX[unit]
+
+
+def interleave(codes, frame_unit, units: list[str]) -> torch.LongTensor:
+    """RVQ-1 codes [T] + each frame's index into ``units`` [T] (non-decreasing, every unit >= 1 frame)
+    -> stream [T + len(units)]: each unit's marker, then its frames."""
+    codes = torch.as_tensor(codes).long()
+    frame_unit = torch.as_tensor(np.asarray(frame_unit)).long()
+    if codes.shape != frame_unit.shape:
+        raise ValueError(f"codes {tuple(codes.shape)} and frame units {tuple(frame_unit.shape)} differ in length")
+    counts = torch.bincount(frame_unit, minlength=len(units))
+    if len(counts) != len(units) or bool((counts == 0).any()) or bool((frame_unit.diff() < 0).any()):
+        raise ValueError("frame units must walk through every unit in order, at least one frame each")
+    out, start = [], 0
+    for u, n in zip(units, counts.tolist()):
+        out.append(unit_marker(u))
+        out.extend(codes[start: start + n].tolist())
+        start += n
+    return torch.tensor(out, dtype=torch.long)
+
+
+def split_stream(stream) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor]:
+    """stream [T'] -> (codes [T], unit id per frame [T] (index into TEXT_UNITS), unit position per frame [T]).
+
+    Frames before any marker (not produced by the interleaved layout) get unit id and position 0.
+    """
+    stream = torch.as_tensor(stream).long()
+    is_unit = stream < 0
+    position = (torch.cumsum(is_unit.long(), 0) - 1).clamp_min(0)
+    unit_id = torch.where(is_unit, -1 - stream, torch.zeros_like(stream))
+    # the id of the latest marker at or before each position: markers' ids carried forward
+    idx = torch.where(is_unit, torch.arange(len(stream)), torch.zeros_like(stream))
+    last = torch.cummax(idx, 0).values
+    frame_ids = unit_id[last]
+    keep = ~is_unit
+    return stream[keep], frame_ids[keep], position[keep]
+
+
+def interleaved_completion_str(stream) -> str:
+    """Stream [T'] -> ``" HH <a3> <a3> AY <a7> <eos>"``."""
+    return " " + " ".join(TEXT_UNITS[-1 - int(v)] if v < 0 else codec_token(int(v)) for v in stream) + " <eos>"
+
+
+def parse_interleaved(s: str) -> torch.LongTensor:
+    """Inverse of ``interleaved_completion_str`` (tokens separated by spaces); stops at ``<eos>``."""
+    out = []
+    for t in s.split("<eos>")[0].split():
+        m = _CODE_RE.fullmatch(t)
+        if m:
+            out.append(int(m.group(1)))
+        elif t in _UNIT_INDEX:
+            out.append(unit_marker(t))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _interleaved_format() -> SequenceFormat:
+    return SequenceFormat(name="interleaved", prompt_str=prompt_str, completion_str=interleaved_completion_str,
+                          parse_codes=parse_interleaved, speech_tokens=lambda k: [codec_token(i) for i in range(k)],
+                          stop_tokens=["<eos>"], units=text_units, frames=lambda stream: split_stream(stream)[0])
 
 
 def format_of(policy_dir: str | Path) -> SequenceFormat:

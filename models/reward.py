@@ -97,11 +97,13 @@ class RewardModel:
         return torch.cat(out) if out else torch.zeros(0)
 
     def score(self, prompts: list[str], codes: list) -> torch.Tensor:
-        """prompts: B prompt strings (ending ``<speech>``); codes: B RVQ-1 code sequences [T_i] -> FloatTensor [B]."""
-        from models.layout import completion_str
+        """prompts: B prompt strings (ending ``<speech>``); codes: B speech streams [T_i] (RVQ-1 codes, with unit
+        markers in the interleaved layout) -> FloatTensor [B]."""
+        from models.layout import interleaved_completion_str  # writes plain code streams as completion_str does
 
         tok = self.tokenizer
-        seqs = [tok(p + completion_str(c), add_special_tokens=False)["input_ids"] for p, c in zip(prompts, codes)]
+        seqs = [tok(p + interleaved_completion_str(c), add_special_tokens=False)["input_ids"]
+                for p, c in zip(prompts, codes)]
         return self.score_ids(seqs)
 
 

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from align.training import golden_examples, train_ar, train_nar
+from align.training import golden_examples, train_ar, train_nar, train_renderer
 
 if TYPE_CHECKING:
     from align.run import Context
@@ -25,16 +25,20 @@ def sft_base(ctx: "Context", out_dir: Path) -> dict:
     lm, tok, ar_stats = train_ar(ctx, examples, rng)
     frames_per_char = ar_stats["frames_per_char"]
 
-    # -- NAR: levels 2..n_q from level 1 and the prompt --
-    nar, nar_loss = None, None
-    if codec.n_q > 1:
+    # -- NAR: levels 2..n_q from level 1 and the prompt (or the phone renderer: a latent from RVQ-1 + units) --
+    nar, nar_loss, renderer = None, None, None
+    if cfg.policy.renderer == "phones":
+        renderer, nar_loss = train_renderer(ctx, examples, rng, size=cfg.policy.renderer_size, steps=bcfg.nar_steps,
+                                            batch_size=bcfg.nar_batch_size, lr=bcfg.nar_lr, seed=cfg.seed + 1)
+    elif codec.n_q > 1:
         if bcfg.nar_steps == 0:
             raise ValueError(f"codec.n_q={codec.n_q} needs a NAR model: set base.nar_steps > 0")
         nar, nar_loss = train_nar(ctx, examples, rng, size=cfg.policy.nar_size, steps=bcfg.nar_steps,
                                   batch_size=bcfg.nar_batch_size, lr=bcfg.nar_lr, seed=cfg.seed + 1)
 
     policy = Policy(lm=lm.cpu(), tokenizer=tok, nar=nar.cpu() if nar is not None else None, codec=codec,
-                    meta=policy_meta(cfg.policy, frames_per_char))
+                    renderer=renderer.cpu() if renderer is not None else None,
+                    meta=policy_meta(cfg.policy, frames_per_char, ar_stats.get("max_frames_per_unit")))
     policy.save(out_dir)
     return {"ar_loss": ar_stats["ar_loss"], "nar_loss": nar_loss, "frames_per_char": frames_per_char,
             "examples": ar_stats["examples"], "history": ar_stats["history"]}

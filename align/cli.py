@@ -24,6 +24,17 @@ def cmd_prepare(args) -> None:
                                           len(splits.train), len(splits.dev), len(splits.test), ctx.codec.identity)
 
 
+def cmd_align(args) -> None:
+    from models.phones import align_manifest
+
+    out = align_manifest(args.source, overwrite=args.overwrite)
+    log = logging.getLogger("speechalign")
+    log.info("phone alignments: %d written, %d of %d rows could not be aligned", out["aligned"], len(out["failed"]),
+             out["utterances"])
+    for f in out["failed"][:10]:
+        log.warning("%s: %s", f["id"], f["reason"])
+
+
 def cmd_run(args) -> None:
     from align.config import load_config
     from align.loop import run_loop
@@ -173,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", default="configs/tiny.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("align", help="phone alignments (pocketsphinx, offline) beside a manifest's recordings, for "
+                                     "policy.layout=interleaved on your own data")
+    p.add_argument("source", help="a JSONL/CSV manifest or a LibriSpeech/LibriTTS/VCTK folder")
+    p.add_argument("--overwrite", action="store_true", help="redo alignments that exist")
+    p.set_defaults(fn=cmd_align)
 
     p = sub.add_parser("run", help="run or resume the alignment loop of a config")
     p.add_argument("config")

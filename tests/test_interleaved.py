@@ -116,3 +116,33 @@ def test_phone_renderer_learns_and_round_trips(tmp_path):
     p, c, u, pos, _ = rows[0]
     assert torch.allclose(model.eval().generate(p, c, u, pos), again.generate(p, c, u, pos), atol=1e-6)
     assert model.generate(p, c, u, pos).shape == (len(c), 8)
+
+
+def test_pocketsphinx_aligns_a_real_recording_and_the_cli_writes_alignments(real_speech_dir, tmp_path):
+    """Forced alignment of real speech gives ordered phone segments that frame_units can use; a manifest's
+    recordings get their .align.json; text pocketsphinx cannot align is reported, not written."""
+    import json
+    import shutil
+
+    from models.audio import load_audio
+    from models.phones import align_manifest, alignment_path, pocketsphinx_segments, read_alignment
+
+    text = "THE CHILD ALMOST HURT THE SMALL DOG"
+    wav = load_audio(real_speech_dir / "spk1_snt1.wav", 16000)
+    segs = pocketsphinx_segments(wav, text)
+    speech = [p for p, _, _ in segs if p not in ("SIL", "sil", "pau")]
+    assert speech[:4] == ["DH", "AH", "CH", "AY"]
+    assert all(s <= e for _, s, e in segs) and all(a[2] <= b[1] + 1e-9 for a, b in zip(segs, segs[1:]))
+    assert segs[-1][2] <= len(wav) / 16000 + 0.02 and segs[-1][2] > 0.5 * len(wav) / 16000
+    units = text_units(text, "phones")
+    fu = frame_units(segs, units, n_frames=len(wav) // 256 + 1, frame_rate=16000 / 256)
+    assert np.bincount(fu).min() >= 1 and fu[-1] == len(units) - 1
+
+    shutil.copy(real_speech_dir / "spk1_snt1.wav", tmp_path / "a.wav")
+    shutil.copy(real_speech_dir / "spk1_snt2.wav", tmp_path / "b.wav")
+    rows = [{"id": "a", "audio": "a.wav", "text": text, "speaker": "s"},
+            {"id": "b", "audio": "b.wav", "text": "zzkq blorf", "speaker": "s"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = align_manifest(str(tmp_path / "m.jsonl"))
+    assert out["aligned"] == 1 and [f["id"] for f in out["failed"]] == ["b"]
+    assert read_alignment(tmp_path / "a.wav")[0][0] in ("SIL", "DH") and not alignment_path(tmp_path / "b.wav").exists()

@@ -255,11 +255,23 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
         size = AR_SIZES[cfg.policy.size]
         vocab = len(build_tokenizer(codebook_size))  # the policy's own vocabulary: specials, text, phones, codes
         ar = llama_params(vocab_size=vocab, **size)
-        nar = _nar_count(cfg.policy.nar_size, n_q, codebook_size)
         overhead = 4
+        if cfg.policy.renderer == "phones":
+            import torch
+
+            from models.renderer import PhoneRenderer, RendererConfig
+
+            with torch.device("meta"):  # (latent width 128: the embedded codec's mels, EnCodec's latent)
+                nar = sum(p.numel() for p in PhoneRenderer(RendererConfig.named(
+                    cfg.policy.renderer_size, 128, codebook_size)).parameters())
+            renderer = f"phone renderer '{cfg.policy.renderer_size}' = {nar / 1e6:.1f} M"
+        else:
+            nar = _nar_count(cfg.policy.nar_size, n_q, codebook_size)
+            renderer = f"NAR '{cfg.policy.nar_size}' = {nar / 1e6:.1f} M"
+        if cfg.policy.layout == "interleaved":
+            overhead += int(cfg.policy.max_seconds * 14)  # one unit token per phone, ~14 phones per second
         plan.lines.append(f"  policy: AR '{cfg.policy.size}' Llama {size['num_hidden_layers']} x "
-                          f"{size['hidden_size']} = {_count(ar)} params (vocab {vocab}); NAR "
-                          f"'{cfg.policy.nar_size}' = {nar / 1e6:.1f} M")
+                          f"{size['hidden_size']} = {_count(ar)} params (vocab {vocab}); {renderer}")
     seq = min(n_prompt_frames + text_tokens + speech_frames + overhead, cfg.dpo.max_length)
     plan.lines.append(f"  sequence: <= {n_prompt_frames} prompt + ~{text_tokens} text + {speech_frames} speech tokens "
                       f"(+{overhead} format) -> {seq} (dpo.max_length {cfg.dpo.max_length})")

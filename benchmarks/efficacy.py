@@ -1,12 +1,15 @@
 """Do the alignment rounds improve the main job's policy? DPO rounds vs a continue-SFT control, on 3 seeds.
 
     python benchmarks/efficacy.py [--config configs/tiny.yaml] [--seeds 0 1 2] [--root runs/efficacy]
+                                  [--base 0=runs/tiny/round_000/policy]
 
-For each seed: the main job's config (``seed=<s>``), every test utterance evaluated at rounds 0-3
-(``eval.max_utterances=0``: 40 sentences x 4 voices = 160); then the control from the same round-0
-policy (``policy.pretrained``): ``train.method=sft_control``, the same steps on the golden tokens of
-the same sampled prompts, no preference signal. Runs resume, so a killed benchmark picks up where it
-stopped, and finished seeds cost nothing on a rerun.
+For each seed: the round-0 policy of the main job's config with ``seed=<s>`` (its base stage alone,
+``rounds=0``; or, with ``--base SEED=DIR``, a round-0 policy that config already trained, e.g. the main
+job's own), then two arms from that same policy (``policy.pretrained``), every test utterance evaluated
+at rounds 0-3 (``eval.max_utterances=0``: 40 sentences x 4 voices = 160): the main job's DPO rounds, and
+the control, ``train.method=sft_control``: the same steps on the golden tokens of the same sampled
+prompts, no preference signal. Runs resume, so a killed benchmark picks up where it stopped, and
+finished seeds cost nothing on a rerun.
 
 Writes ``benchmarks/results/efficacy.{md,json}``: per seed and pooled over seeds, WER and SIM per
 round with 95% bootstrap CIs (utterances resampled), and paired tests on utterance id (round 3 vs
@@ -35,17 +38,19 @@ import pandas as pd  # noqa: E402
 log = logging.getLogger("speechalign.bench")
 
 
-def run_seed(config: str, seed: int, root: Path, extra: list[str]) -> tuple[Path, Path]:
+def run_seed(config: str, seed: int, root: Path, extra: list[str], base: str | None) -> tuple[Path, Path]:
     """The DPO run and its control for one seed (run or resumed); returns their run directories."""
     from align.config import load_config
     from align.loop import run_loop
 
-    common = [f"seed={seed}", "eval.max_utterances=0", f"out_dir={root}", *extra]
-    dpo_cfg = load_config(config, [f"name=dpo_s{seed}", *common])
-    dpo_dir = run_loop(dpo_cfg)
-    control_cfg = load_config(config, [f"name=sft_control_s{seed}", *common, "train.method=sft_control",
-                                       f"policy.pretrained={dpo_dir / 'round_000' / 'policy'}"])
-    return dpo_dir, run_loop(control_cfg)
+    common = [f"seed={seed}", f"out_dir={root}", *extra]
+    if base is None:
+        base_dir = run_loop(load_config(config, [f"name=base_s{seed}", *common, "rounds=0"]))
+        base = str(base_dir / "round_000" / "policy")
+    arms = [load_config(config, [f"name={name}_s{seed}", *common, "eval.max_utterances=0", f"policy.pretrained={base}",
+                                 *more])
+            for name, more in (("dpo", []), ("sft_control", ["train.method=sft_control"]))]
+    return run_loop(arms[0]), run_loop(arms[1])
 
 
 def keyed(table: pd.DataFrame, round_: int, seed: int) -> pd.DataFrame:
@@ -88,14 +93,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--root", default=str(ROOT / "runs" / "efficacy"))
     parser.add_argument("--set", action="append", default=[], help="extra key=value config overrides")
+    parser.add_argument("--base", action="append", default=[], metavar="SEED=DIR",
+                        help="start this seed's arms from a round-0 policy the config (with that seed) trained")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "efficacy"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = Path(args.root)
     t0 = time.time()
     per_seed, rounds_all = {}, {}
+    bases = dict(b.split("=", 1) for b in args.base)
     for seed in args.seeds:
-        dpo_dir, control_dir = run_seed(args.config, seed, root, args.set)
+        dpo_dir, control_dir = run_seed(args.config, seed, root, args.set, bases.get(str(seed)))
         dpo, control = load_table(dpo_dir), load_table(control_dir)
         rounds = sorted(set(dpo["round"]) & set(control["round"]))
         per_seed[seed] = {"dpo": {k: keyed(dpo, k, seed) for k in rounds},
@@ -119,7 +127,7 @@ def main() -> None:
                               f"DPO round {last} vs control round {last}", scope))
     for t, p in zip(tests, adjust_p([t["p"] for t in tests], "holm")):
         t["p_holm"] = float(p)
-    meta = {"config": os.path.relpath(args.config, ROOT), "seeds": args.seeds, "overrides": args.set,
+    meta = {"config": os.path.relpath(args.config, ROOT), "seeds": args.seeds, "overrides": args.set, "bases": bases,
             "seconds": round(time.time() - t0, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,9 +138,9 @@ def main() -> None:
 
     md = ["# Efficacy: DPO rounds vs a continue-SFT control", "",
           f"`python benchmarks/efficacy.py --seeds {' '.join(map(str, args.seeds))}`"
-          f"{''.join(f' --set {s}' for s in args.set)} ({meta['seconds'] / 60:.0f} min of this invocation on "
+          f"{''.join(f' --set {s}' for s in args.set)}{''.join(f' --base {b}' for b in args.base)} ({meta['seconds'] / 60:.0f} min of this invocation on "
           f"{meta['machine']}; finished runs are read, not rerun). Config `{meta['config']}`; every test "
-          "utterance evaluated at every round; the control starts from the same round-0 policy and trains the "
+          "utterance evaluated at every round; both arms start from the same round-0 policy, the control trains the "
           "same steps on the golden tokens of the same prompts. 95% bootstrap CIs over utterances.", "",
           "| scope | arm | round | WER [95% CI] | SIM [95% CI] | n |", "|---|---|---|---|---|---|"]
     for r in table:

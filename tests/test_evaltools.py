@@ -102,23 +102,30 @@ def test_completion_logprobs_batched_equals_one_by_one_and_a_manual_forward(ci_r
 
     from eval.gap import completion_logprobs
     from models.codec_lm import Policy
-    from models.layout import completion_str, prompt_str
+    from models.layout import TEXT_UNITS, interleave, text_units
 
     policy = Policy.load(ci_run / "round_001" / "policy")
+    assert policy.format.name == "interleaved"  # configs/ci.yaml runs the main job's layout
     rng = np.random.default_rng(0)
     prompts = [torch.from_numpy(rng.integers(0, 64, (4, 40))) for _ in range(3)]
     texts = ["a cat", "the old red boat sailed", "hi"]
-    seqs = [rng.integers(0, 64, n) for n in (5, 30, 1)]
+    seqs = []
+    for t in texts:  # streams of the policy's layout: each unit, then 1-3 random codes
+        units = text_units(t, "phones")
+        frames = np.repeat(np.arange(len(units)), rng.integers(1, 4, len(units)))
+        seqs.append(interleave(torch.from_numpy(rng.integers(0, 64, len(frames))), frames, units))
     batched = completion_logprobs(policy, texts, prompts, seqs, batch_size=3)
     single = np.array([completion_logprobs(policy, [t], [p], [s])[0] for t, p, s in zip(texts, prompts, seqs)])
     assert np.allclose(batched, single, atol=1e-5)
-    # by hand for the first: full forward over the joint string, renormalised over codec tokens + <eos>
+    # by hand for the first: full forward over the joint string, renormalised over what the policy may emit
+    # (codec tokens, <eos> and the text units)
     tok = policy.tokenizer
-    head = tok(prompt_str(policy.prompt_codes(prompts[0])[0], texts[0]), add_special_tokens=False)["input_ids"]
-    tail = tok(completion_str(seqs[0]), add_special_tokens=False)["input_ids"]
+    head = tok(policy.conditioning(prompts[0], texts[0]), add_special_tokens=False)["input_ids"]
+    tail = tok(policy.format.completion_str(seqs[0]), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = policy.lm(input_ids=torch.tensor([head + tail])).logits[0]
-    allowed = list(range(policy.code_offset, policy.code_offset + 64)) + [tok.eos_token_id]
+    allowed = (list(range(policy.code_offset, policy.code_offset + 64)) + [tok.eos_token_id]
+               + tok.convert_tokens_to_ids(TEXT_UNITS))
     lp = torch.log_softmax(logits[:, allowed], -1)
     want = np.mean([float(lp[len(head) + i - 1, allowed.index(t)]) for i, t in enumerate(tail)])
     assert batched[0] == pytest.approx(want, abs=1e-5)
@@ -265,7 +272,9 @@ def test_report_renders_in_headless_chromium_with_working_players(ci_run, tmp_pa
 # gate
 # ---------------------------------------------------------------------------------------------
 def _planted_regression(run_dir, dest):
-    """A copy of the run's eval rows whose final round hears six extra words in every output."""
+    """A copy of the run's eval rows whose final round hears extra words in every output: as many as the
+    reference has, plus six, so they cost errors however short the hypothesis was (extra words that
+    only fill a short hypothesis's deletions turn them into substitutions and cost nothing)."""
     from eval.asr import utterance_wer
 
     last = max(int(p.name.split("_")[1]) for p in run_dir.glob("round_*"))
@@ -273,7 +282,8 @@ def _planted_regression(run_dir, dest):
         rows = read_jsonl(run_dir / f"round_{k:03d}" / "eval" / "rows.jsonl")
         if k == last:
             for r in rows:
-                r["hypothesis"] = (r["hypothesis"] + " zzz qqq xxj vvk zzq kkx").strip()
+                junk = " ".join(["zzz", "qqq", "xxj", "vvk", "zzq", "kkx"] * (len(r["text"].split()) // 6 + 2))
+                r["hypothesis"] = (r["hypothesis"] + " " + junk).strip()
                 r["wer"] = utterance_wer(r["text"], r["hypothesis"])
         write_jsonl(dest / f"round_{k:03d}" / "eval" / "rows.jsonl", rows)
     shutil.copy(run_dir / "config.yaml", dest / "config.yaml")

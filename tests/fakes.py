@@ -70,6 +70,11 @@ class FakeContext:
     def codes(self, utt) -> torch.LongTensor:
         return self._codes[utt.id]
 
+    def golden_stream(self, utt, fmt) -> torch.LongTensor:
+        from align.run import Context
+
+        return Context.golden_stream(self, utt, fmt)  # the real one, over these codes
+
     def sample_rows(self, n: int = 2, seed: int = 0) -> list[dict]:
         """samples.jsonl rows: n corrupted samples per utterance (the other utterance of its speaker as prompt)."""
         rng = random.Random(seed)

@@ -78,10 +78,11 @@ def _kill(proc) -> None:
 
 
 def test_sigkilled_run_resumes_to_identical_metrics_and_weights(ci_run, ci_overrides, tmp_path):
-    overrides = [o for o in ci_overrides] + ["name=ci_killed"]
-    cmd = [sys.executable, "-m", "align.cli", "run", str(CI_CONFIG)] + [x for o in overrides for x in ("--set", o)]
-    # the same thread count as this process (which ran ci_run): float reductions then add up alike
+    # the same thread count as this process (which ran ci_run), set the same way (torch.set_num_threads, which
+    # conftest calls; OMP_NUM_THREADS alone gave the interleaved AR other float reductions): sums then add up alike
     threads = str(torch.get_num_threads())
+    overrides = [o for o in ci_overrides] + ["name=ci_killed", f"threads={threads}"]
+    cmd = [sys.executable, "-m", "align.cli", "run", str(CI_CONFIG)] + [x for o in overrides for x in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     run_dir = Path(next(o.split("=", 1)[1] for o in ci_overrides if o.startswith("out_dir="))) / "ci_killed"
     assert not run_dir.exists()

@@ -502,7 +502,8 @@ class BaseConfig:
     lr: float = field(default=2e-3, metadata={"help": "AR peak learning rate (AdamW, cosine, warm-up)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    nar_steps: int = field(default=800, metadata={"help": "NAR (or phone renderer, policy.renderer) optimiser steps (0 = no NAR; needs codec.n_q == 1)"})
+    nar_steps: int = field(default=800, metadata={
+        "help": "NAR (or phone renderer, policy.renderer) optimiser steps (0 = no NAR; needs codec.n_q == 1)"})
     nar_batch_size: int = field(default=16, metadata={"help": "NAR utterances per step"})
     nar_lr: float = field(default=1e-3, metadata={"help": "NAR peak learning rate"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})

@@ -281,8 +281,9 @@ class Context:
         segments = read_alignment(utt.audio)
         if segments is None:
             raise ValueError(f"{utt.id}: the interleaved layout needs a phone alignment of {utt.audio} "
-                             f"({alignment_path(utt.audio)} is missing); the embedded corpus writes them, for your own "
-                             "data run `speechalign align <manifest>` (pocketsphinx, offline) or use policy.layout=plain")
+                             f"({alignment_path(utt.audio)} is missing); the embedded corpus writes them, for your "
+                             "own data run `speechalign align <manifest>` (pocketsphinx, offline) or use "
+                             "policy.layout=plain")
         units = fmt.units(utt.text)
         try:
             return interleave(first, frame_units(segments, units, len(first), self.codec.frame_rate), units)

@@ -203,8 +203,9 @@ def evaluate(ctx: "Context", k: int) -> dict:
             t0 = time.time()
             gap_summary, detail = gap_analysis(
                 policy, [u.text for u, _ in chosen], [ctx.codes(p) for _, p in chosen],
-                [ctx.golden_stream(u, policy.format) for u, _ in chosen], [u.id for u, _ in chosen], temperature=ecfg.temperature,
-                top_k=ecfg.top_k, top_p=ecfg.top_p, seed=ctx.cfg.seed + 13, batch_size=ecfg.batch_size)
+                [ctx.golden_stream(u, policy.format) for u, _ in chosen], [u.id for u, _ in chosen],
+                temperature=ecfg.temperature, top_k=ecfg.top_k, top_p=ecfg.top_p, seed=ctx.cfg.seed + 13,
+                batch_size=ecfg.batch_size)
             summary.update(gap_summary)
             summary["seconds"]["gap"] = round(time.time() - t0, 2)
             (tmp / "gap.json").write_text(json.dumps(detail))

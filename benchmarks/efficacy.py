@@ -138,7 +138,8 @@ def main() -> None:
 
     md = ["# Efficacy: DPO rounds vs a continue-SFT control", "",
           f"`python benchmarks/efficacy.py --seeds {' '.join(map(str, args.seeds))}`"
-          f"{''.join(f' --set {s}' for s in args.set)}{''.join(f' --base {b}' for b in args.base)} ({meta['seconds'] / 60:.0f} min of this invocation on "
+          f"{''.join(f' --set {s}' for s in args.set)}{''.join(f' --base {b}' for b in args.base)} "
+          f"({meta['seconds'] / 60:.0f} min of this invocation on "
           f"{meta['machine']}; finished runs are read, not rerun). Config `{meta['config']}`; every test "
           "utterance evaluated at every round; both arms start from the same round-0 policy, the control trains the "
           "same steps on the golden tokens of the same prompts. 95% bootstrap CIs over utterances.", "",
@@ -149,7 +150,8 @@ def main() -> None:
     md += ["", "Paired tests on utterance id (B minus A; WER pairs per-utterance edit errors). p: two-sided "
            "sign-flip test (exact where 2^n patterns can be enumerated, else seeded Monte Carlo); p_holm: Holm "
            f"over all {len(tests)} tests below.", "",
-           "| scope | comparison | metric | delta [95% CI] | p | p_holm | n | test |", "|---|---|---|---|---|---|---|---|"]
+           "| scope | comparison | metric | delta [95% CI] | p | p_holm | n | test |",
+           "|---|---|---|---|---|---|---|---|"]
     for t in tests:
         md.append(f"| {t['scope']} | {t['comparison']} | {t['metric']} | {fmt_ci(t['delta'], t['ci'])} | "
                   f"{t['p']:.3g} | {t['p_holm']:.3g} | {t['n']} | {t['test']} |")

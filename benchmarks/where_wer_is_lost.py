@@ -14,7 +14,8 @@ is what one component costs:
 5. ``ar_rendered``: the round's AR sample for the text (eval temperature/top-k) through the renderer;
 6. ``ar_rvq1_only``: that sample's RVQ-1 alone.
 Train vs test tells memorisation from generalisation; ``--split dev`` scores the dev split instead of
-the test split, for choosing settings (its results go to ``--out``, default ``..._dev``). Writes ``benchmarks/results/where_wer_is_lost.{md,json}``.
+the test split, for choosing settings (its results go to ``--out``, default ``..._dev``).
+Writes ``benchmarks/results/where_wer_is_lost.{md,json}``.
 """
 from __future__ import annotations
 
@@ -97,11 +98,13 @@ def main() -> None:
             "ar_mean": round(float(np.mean([policy.format.frames(s).numel() for s in samples])), 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"run": str(run), "round": args.round, "n_per_split": args.n, "held_out": held_out, "seconds": round(time.time() - t0, 1),
+    meta = {"run": str(run), "round": args.round, "n_per_split": args.n, "held_out": held_out,
+            "seconds": round(time.time() - t0, 1),
             "policy": dataclasses.asdict(cfg.policy)}
     out.with_suffix(".json").write_text(json.dumps({"results": results, "meta": meta}, indent=1) + "\n")
     md = ["# Where WER is lost", "",
-          f"`python benchmarks/where_wer_is_lost.py --run {args.run} --round {args.round} --n {args.n} --split {held_out}` "
+          f"`python benchmarks/where_wer_is_lost.py --run {args.run} --round {args.round} --n {args.n} "
+          f"--split {held_out}` "
           f"({meta['seconds']:.0f} s): {args.n} training and {args.n} {held_out} utterances of `{run.name}`, round "
           f"{args.round}'s policy; pocketsphinx corpus WER and resemblyzer SIM to the real recording. The gap between "
           "two rows is what one component costs (see the script's docstring).", "",

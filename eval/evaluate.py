@@ -81,7 +81,8 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
     rows = []
     for i, (it, s, w, h, wer, sim, q) in enumerate(zip(items, samples, wavs, hyps, wers, sims, scores)):
         rows.append({"id": it.id, "text": it.text, "speaker": it.speaker, "hypothesis": h, "wer": wer,
-                     "sim": float(sim), "duration": len(w) / codec.sample_rate, "n_frames": int(policy.format.frames(s[0]).numel()),
+                     "sim": float(sim), "duration": len(w) / codec.sample_rate,
+                     "n_frames": int(policy.format.frames(s[0]).numel()),
                      "codes": s[0].tolist(), "prompt_id": it.prompt_id, **q})
         if save_audio_dir is not None and i < save_n and len(w):
             save_audio(Path(save_audio_dir) / f"{it.id}.wav", w, codec.sample_rate)

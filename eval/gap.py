@@ -116,7 +116,8 @@ def completion_logprobs(policy, texts: list[str], prompts: list[torch.Tensor], s
         for t, p, s in zip(texts[start:start + batch_size], prompts[start:start + batch_size],
                            seqs[start:start + batch_size]):
             head = tok(policy.conditioning(p, t), add_special_tokens=False)["input_ids"]
-            tail = tok(fmt.completion_str(torch.as_tensor(np.asarray(s)).reshape(-1)), add_special_tokens=False)["input_ids"]
+            stream = torch.as_tensor(np.asarray(s)).reshape(-1)
+            tail = tok(fmt.completion_str(stream), add_special_tokens=False)["input_ids"]
             seq = (head + tail)[:max_len]
             ids.append(seq)
             starts.append(len(head))
@@ -140,7 +141,8 @@ def gap_analysis(policy, texts: list[str], prompts: list[torch.Tensor], golden: 
                  *, temperature: float, top_k: int, top_p: float, seed: int, batch_size: int) -> tuple[dict, dict]:
     """Sample the policy on (texts, prompts), then measure the golden-vs-synthetic gap.
 
-    golden: N golden streams of the policy's layout [T_i] (``Context.golden_stream``). Returns (summary, detail): summary
+    golden: N golden streams of the policy's layout [T_i] (``Context.golden_stream``).
+    Returns (summary, detail): summary
     holds ``gap_auc``, ``gap_logp_margin``, ``gap_logp_golden``, ``gap_logp_synthetic``, ``gap_n``
     (goes into the round's eval summary and metrics.jsonl); detail adds per-utterance log-probs, the
     PCA coordinates and labels (1 golden, 0 synthetic) for the report.

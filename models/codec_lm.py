@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from models.codec import Codec, load_codec, prompt_frames
-from models.layout import LAYOUT_VERSION, TEXT_FRONTENDS, TEXT_UNITS, SequenceFormat, codec_token, format_for, text_length, with_hint
+from models.layout import (LAYOUT_VERSION, TEXT_FRONTENDS, TEXT_UNITS, SequenceFormat, codec_token, format_for,
+                           text_length, with_hint)
 from models.nar import NAR_KINDS, NARModel, load_nar
 
 log = logging.getLogger("speechalign.policy")
@@ -128,11 +129,12 @@ class _WalkUnits:
 
     After ``<speech>`` only the first unit may come; a unit is followed by at least one codec token;
     then codec tokens or the next unit (``<eos>`` after the last) compete, the next unit with the
-    mass of every unit token, until ``max_frames`` frames of one unit force it. So a sample always says every unit once, in order, and its length is
-    bounded by units x (max_frames + 1) + 1 tokens.
+    mass of every unit token, until ``max_frames`` frames of one unit force it. So a sample always says
+    every unit once, in order, and its length is bounded by units x (max_frames + 1) + 1 tokens.
 
     units: per input row, the token ids of its units (rows = texts x num_return_sequences, in
-    generate's order); codec_ids: LongTensor of the codec-token ids.
+    generate's order); codec_ids: LongTensor of the codec-token ids; unit_ids: LongTensor of every
+    unit token's id (their mass is the "advance" mass).
     """
 
     def __init__(self, units: list[list[int]], codec_ids: torch.Tensor, eos_id: int, vocab_size: int,

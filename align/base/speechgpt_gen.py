@@ -119,7 +119,8 @@ def speechgpt_gen_base(ctx: "Context", out_dir: Path) -> dict:
                 write_json(tmp / "stats.json", flow_stats)
         accelerator.wait_for_everyone()
 
-    meta = dict(policy_meta(cfg.policy, ar_stats["frames_per_char"], ar_stats.get("max_frames_per_unit")), base_stage="speechgpt_gen")
+    meta = dict(policy_meta(cfg.policy, ar_stats["frames_per_char"], ar_stats.get("max_frames_per_unit")),
+                base_stage="speechgpt_gen")
     if main:
         Policy(lm=lm.eval(), tokenizer=tok, nar=None, codec=ctx.codec, meta=meta, flow=flow).save(out_dir)
         shutil.rmtree(work, ignore_errors=True)  # the policy dir now holds both halves

@@ -136,11 +136,12 @@ def golden_streams(ctx: "Context", fmt) -> list[torch.LongTensor]:
 
 
 def train_ar(ctx: "Context", examples: list, rng: random.Random, device: str | None = None,
-             accelerator=None) -> tuple[torch.nn.Module, object, dict]:
+             accelerator=None, streams: list[torch.LongTensor] | None = None) -> tuple[torch.nn.Module, object, dict]:
     """The AR codec LM: text + prompt RVQ-1 -> RVQ-1 by teacher forcing (loss on the speech part only),
     in the layout ``policy.layout`` names (``policy_format``).
 
-    examples: ``golden_examples(ctx, salt)`` rows. Returns (lm on ``device``, tokenizer, stats with ar_loss,
+    examples: ``golden_examples(ctx, salt)`` rows; streams: their ``golden_streams`` when the caller has them
+    (built here otherwise). Returns (lm on ``device``, tokenizer, stats with ar_loss,
     history, frames_per_char, examples, and for the interleaved layout max_frames_per_unit). Shared by every
     base stage that trains the AR half.
     """
@@ -157,7 +158,8 @@ def train_ar(ctx: "Context", examples: list, rng: random.Random, device: str | N
     frames = sum(c.shape[1] for _, c, _ in examples)
     frames_per_char = frames / max(1, chars)
     fmt = policy_format(ctx)
-    streams = golden_streams(ctx, fmt) if fmt.units is not None else [c[0] for _, c, _ in examples]
+    if streams is None:
+        streams = golden_streams(ctx, fmt) if fmt.units is not None else [c[0] for _, c, _ in examples]
     extra = {}
     if fmt.units is not None:
         # the cap on one unit's frames at generation: the longest in the training data, with room to spare
@@ -209,17 +211,19 @@ def train_nar(ctx: "Context", examples: list, rng: random.Random, *, size: str, 
 
 
 def train_renderer(ctx: "Context", examples: list, rng: random.Random, *, size: str, steps: int, batch_size: int,
-                   lr: float, seed: int, name: str = "base renderer") -> tuple[torch.nn.Module, float]:
+                   lr: float, seed: int, streams: list[torch.LongTensor] | None = None,
+                   name: str = "base renderer") -> tuple[torch.nn.Module, float]:
     """The phone renderer (models/renderer.py): golden RVQ-1 + frame units + prompt latent -> golden latent.
 
-    examples: ``golden_examples`` rows. Returns (renderer on the run's device, smoothed final L1 loss).
+    examples: ``golden_examples`` rows; streams: their ``golden_streams`` (built here when None).
+    Returns (renderer on the run's device, smoothed final L1 loss).
     """
     from models.layout import split_stream
     from models.renderer import PhoneRenderer, RendererConfig, renderer_batch
 
     cfg, bcfg, codec = ctx.cfg, ctx.cfg.base, ctx.codec
     n_prompt = prompt_frames(cfg.policy.prompt_seconds, codec.frame_rate)
-    streams = golden_streams(ctx, policy_format(ctx))
+    streams = streams if streams is not None else golden_streams(ctx, policy_format(ctx))
     rows = []
     for (_, codes, prompt), stream in zip(examples, streams):
         first, unit_ids, unit_pos = split_stream(stream)

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from align.training import golden_examples, train_ar, train_nar, train_renderer
+from align.training import golden_examples, golden_streams, policy_format, train_ar, train_nar, train_renderer
 
 if TYPE_CHECKING:
     from align.run import Context
@@ -22,14 +22,18 @@ def sft_base(ctx: "Context", out_dir: Path) -> dict:
     codec = ctx.codec
     examples = golden_examples(ctx, 0)
     rng = random.Random(cfg.seed)
-    lm, tok, ar_stats = train_ar(ctx, examples, rng)
+    fmt = policy_format(ctx)
+    # the interleaved streams (alignment files read, units laid out) once, for the AR and the renderer
+    streams = golden_streams(ctx, fmt) if fmt.units is not None else None
+    lm, tok, ar_stats = train_ar(ctx, examples, rng, streams=streams)
     frames_per_char = ar_stats["frames_per_char"]
 
     # -- NAR: levels 2..n_q from level 1 and the prompt (or the phone renderer: a latent from RVQ-1 + units) --
     nar, nar_loss, renderer = None, None, None
     if cfg.policy.renderer == "phones":
         renderer, nar_loss = train_renderer(ctx, examples, rng, size=cfg.policy.renderer_size, steps=bcfg.nar_steps,
-                                            batch_size=bcfg.nar_batch_size, lr=bcfg.nar_lr, seed=cfg.seed + 1)
+                                            batch_size=bcfg.nar_batch_size, lr=bcfg.nar_lr, seed=cfg.seed + 1,
+                                            streams=streams)
     elif codec.n_q > 1:
         if bcfg.nar_steps == 0:
             raise ValueError(f"codec.n_q={codec.n_q} needs a NAR model: set base.nar_steps > 0")

@@ -35,7 +35,43 @@ def cmd_align(args) -> None:
         log.warning("%s: %s", f["id"], f["reason"])
 
 
+def launch_command(nproc: int, argv: list[str]) -> list[str]:
+    """``accelerate launch`` of this CLI on ``nproc`` processes (``speechalign run --nproc N``): argv is the
+    command line to run in each, without ``--nproc``; run it under ``launch_env``."""
+    # (accelerate's own --cpu runs one process whatever --num_processes says: CPU ranks are launched like GPU
+    # ones, torchrun under --multi_gpu, and ACCELERATE_USE_CPU makes each join a gloo group; align/dist.py)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align.cli", *argv]
+
+
+def launch_env(device: str) -> dict[str, str]:
+    """The environment ``launch_command`` runs under: ACCELERATE_USE_CPU=true for a CPU run (device cpu, or auto
+    on a machine without CUDA)."""
+    import os
+
+    import torch
+
+    env = dict(os.environ)
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_run(args) -> None:
+    import os
+
     from align.config import load_config
     from align.loop import run_loop
     from eval.compare import compare_runs, to_markdown
@@ -44,11 +80,20 @@ def cmd_run(args) -> None:
     if args.dry_run:
         from align.dryrun import dry_run
 
-        code, text = dry_run(cfg, gpus=args.gpus, gpu_gb=args.gpu_gb)
+        code, text = dry_run(cfg, gpus=args.gpus or (args.nproc if args.nproc > 1 else None), gpu_gb=args.gpu_gb)
         print(text)
         return code
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        import subprocess
+
+        cmd = launch_command(args.nproc, _without_nproc(sys.argv[1:]))
+        logging.getLogger("speechalign").info("launching %d processes: %s", args.nproc, " ".join(cmd))
+        return subprocess.call(cmd, env=launch_env(cfg.device))
     root = run_loop(cfg, only_stage=args.only_stage)
-    print(to_markdown(compare_runs([root])))
+    from align.dist import process_ranks
+
+    if process_ranks().is_main:
+        print(to_markdown(compare_runs([root])))
 
 
 def cmd_base(args) -> None:
@@ -199,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="check paths, sizes, memory per stage and tokens per round without loading weights; "
                         "exit 0 if runnable (warnings allowed), 2 if something is missing or does not fit")
-    p.add_argument("--gpus", type=int, default=None, help="--dry-run: GPUs the run will use (default $WORLD_SIZE or 1)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="run on N processes: launches `accelerate launch --num_processes N` of this command (GPUs, "
+                        "or CPU processes over gloo when there is no GPU); the same as launching it yourself")
+    p.add_argument("--gpus", type=int, default=None, help="--dry-run: GPUs the run will use (default --nproc, "
+                                                          "$WORLD_SIZE or 1)")
     p.add_argument("--gpu-gb", type=float, default=None,
                    help="--dry-run: memory per GPU in GB (default: the visible GPU, else 80)")
     p.set_defaults(fn=cmd_run)

@@ -187,7 +187,8 @@ class DPOStageConfig:
         "help": "any loss_type trl.DPOConfig accepts: sigmoid, ipo, hinge, robust, sigmoid_norm, ..."})
     learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate (paper scale: 5e-7)"})
     steps: int = field(default=60, metadata={"help": "optimiser steps per round"})
-    batch_size: int = field(default=8, metadata={"help": "pairs per device per step"})
+    batch_size: int = field(default=8, metadata={"help": "pairs per micro-step over all processes (each takes "
+                                                          "batch_size / N of them): the same steps for any N"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
     sft_weight: float = field(default=0.0, metadata={
         "help": "weight of an SFT term on the chosen (golden) tokens added to the DPO loss (RPO-style); "
@@ -203,6 +204,9 @@ class DPOStageConfig:
         "help": "modules LoRA wraps"})
     save_steps: int = field(default=20, metadata={
         "help": "trainer checkpoint every N steps; a killed DPO resumes from the last one"})
+    precompute_ref: bool = field(default=False, metadata={
+        "help": "score every pair under the frozen reference once before training (TRL's "
+                "precompute_ref_log_probs) instead of a reference forward pass in every step"})
     # Extra parameters of some TRL loss types (passed to trl.DPOConfig as they are).
     label_smoothing: float = field(default=0.0, metadata={
         "help": "robust: probability that a preference label is flipped, in [0, 0.5) (paper: 0.1); exo_pair: "

@@ -291,7 +291,10 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
     half = 2  # bf16/fp16 weights on GPU
     plan.lines.append("GPU memory per stage (per GPU; weights/grads/AdamW states sharded over the GPUs):")
 
+    needs: dict[str, tuple[float, float]] = {}  # stage -> (shardable bytes, per-GPU bytes)
+
     def stage(name: str, total_sharded: float, per_gpu: float, detail: str):
+        needs[name] = (total_sharded, per_gpu)
         need = total_sharded / gpus + per_gpu
         fits = need <= 0.9 * gpu  # 10% for the CUDA context and fragmentation
         plan.lines.append(f"  {name:<9} {_gb(need):>9}  {'fits' if fits else 'DOES NOT FIT'}  ({detail})")
@@ -312,16 +315,20 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
     stage("sample", half * (ar + nar), kv_cache,
           f"16-bit weights, KV cache {_gb(kv_cache)} for {cfg.sample.batch_size} x {cfg.sample.n} sequences")
     d = cfg.dpo
-    acts = activation_bytes(size, 2 * d.batch_size, seq)  # chosen and rejected go through together
+    d_per_gpu = max(1, -(-d.batch_size // gpus))  # dpo.batch_size is over all GPUs
+    if d.batch_size % gpus:
+        plan.missing(f"dpo.batch_size={d.batch_size} does not split over {gpus} GPUs",
+                     f"use a multiple of {gpus} (the batch is shared by the processes)")
+    acts = activation_bytes(size, 2 * d_per_gpu, seq)  # chosen and rejected go through together
     if d.lora:
         trainable = lora_params(size, d.lora_r, list(d.lora_targets))
         stage("dpo", half * ar + 16 * trainable, acts,
               f"LoRA r={d.lora_r}: {trainable / 1e6:.1f} M trainable; frozen base doubles as the reference "
-              f"(adapters off); activations for 2 x {d.batch_size} x {seq}")
+              f"(adapters off); activations for 2 x {d_per_gpu} x {seq}")
     else:
         stage("dpo", 16 * ar + half * ar, acts,
               f"policy weights+grads+AdamW {_gb(16 * ar)}, frozen reference {_gb(half * ar)}, "
-              f"activations for 2 x {d.batch_size} x {seq}")
+              f"activations for 2 x {d_per_gpu} x {seq}")
     e = cfg.eval
     asr_params = {"whisper": 1.55e9, "pocketsphinx": 0}[e.asr] if e.asr in ("whisper", "pocketsphinx") else 0
     spk_params = {"ecapa": 20.8e6, "wavlm": 94.7e6, "resemblyzer": 1.4e6}.get(e.speaker, 0)
@@ -329,6 +336,8 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
           e.batch_size * seq * kv * half,
           f"policy + {e.asr}{' (1.55 B, whisper-large-v3 size)' if e.asr == 'whisper' else ''} + {e.speaker} "
           "in 16-bit, KV cache")
+
+    _launch_plan(plan, cfg, needs, gpus, gpu)
 
     # -- tokens per round -----------------------------------------------------------------------------
     n_train = counts.get("train")
@@ -339,12 +348,12 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
         prompts = n_train
     samples = prompts * cfg.sample.n
     pairs = min(samples, cfg.pair.max_pairs) if cfg.pair.max_pairs else samples
-    seen = d.steps * d.batch_size * d.grad_accum * gpus
+    seen = d.steps * d.batch_size * d.grad_accum
     plan.lines.append("Per round:")
     plan.lines.append(f"  sample: {prompts} prompts x {cfg.sample.n} = {samples} samples, <= "
                       f"{samples * speech_frames / 1e6:.2f} M generated tokens")
-    plan.lines.append(f"  dpo: <= {pairs} pairs; {d.steps} steps x batch {d.batch_size} x accum {d.grad_accum} x "
-                      f"{gpus} GPU(s) = effective batch {d.batch_size * d.grad_accum * gpus}, {seen} pairs seen "
+    plan.lines.append(f"  dpo: <= {pairs} pairs; {d.steps} steps x batch {d.batch_size} ({d_per_gpu} per GPU on "
+                      f"{gpus}) x accum {d.grad_accum} = effective batch {d.batch_size * d.grad_accum}, {seen} pairs seen "
                       f"({seen / max(pairs, 1):.1f} epochs), <= {2 * seen * seq / 1e6:.1f} M tokens")
     plan.lines.append(f"  evaluate: {e.max_utterances or counts.get('test', '?')} test utterances; "
                       f"{e.asr} + {e.speaker} + {e.quality}" +
@@ -454,6 +463,31 @@ def _speechgpt_stages(cfg: RunConfig, size: dict, lm: int, nar: int, stage) -> N
           f"{sg.stage3.batch_size} x {sg.stage3.max_length}")
     if nar:
         stage("sg-nar", 16 * nar, 0, f"unit renderer NAR {nar / 1e6:.1f} M")
+
+
+# accelerate launch files in configs/accelerate/, from the least to the most sharding
+LAUNCH_FILES = {"ddp": "configs/accelerate/ddp.yaml", "fsdp": "configs/accelerate/fsdp.yaml",
+                "zero3": "configs/accelerate/zero3.yaml"}
+
+
+def _launch_plan(plan: Plan, cfg: RunConfig, needs: dict[str, tuple[float, float]], gpus: int, gpu: float) -> None:
+    """Name the launch for ``gpus``: one process; DDP when every stage fits whole on each GPU; else FSDP full
+    shard (or DeepSpeed ZeRO-3, the same sharding), with the per-GPU memory of the largest stage."""
+    if not needs:
+        return
+    whole = max(sharded + per for sharded, per in needs.values())
+    split = max(sharded / gpus + per for sharded, per in needs.values())
+    if gpus == 1:
+        plan.lines.append(f"Launch: one process (speechalign run CONFIG), ~{_gb(whole)} on the GPU at most")
+        return
+    command = f"accelerate launch --config_file {{}} --num_processes {gpus} -m align.cli run CONFIG"
+    if whole <= 0.9 * gpu:
+        plan.lines.append(f"Launch: DDP, every GPU holds the whole model: {command.format(LAUNCH_FILES['ddp'])} "
+                          f"(~{_gb(whole)} per GPU at most)")
+    else:
+        plan.lines.append(f"Launch: FSDP full shard, {command.format(LAUNCH_FILES['fsdp'])} (~{_gb(split)} per GPU at "
+                          f"most; DDP would need ~{_gb(whole)}); DeepSpeed ZeRO-3 shards the same way: "
+                          f"{LAUNCH_FILES['zero3']} (pip install deepspeed)")
 
 
 def _visible_gpu_gb() -> float | None:

@@ -8,6 +8,12 @@ reward_bon, grpo, coh). Older run directories, where it was called 'dpo', are re
 
 After every finished round, ``metrics.jsonl`` is rebuilt from the rounds' own summary files, so it
 never holds a duplicate row after a resume.
+
+Under ``accelerate launch --num_processes N`` every rank walks the same plan: ``sample`` and ``evaluate``
+split their utterances across ranks and gather them to rank 0, ``train`` and ``base`` train data-parallel,
+``pair`` runs on rank 0 alone, and rank 0 alone writes ``state.json`` and ``metrics.jsonl``, with a barrier
+after every stage (align/dist.py). A rank that dies makes the launcher stop the others; the same command
+resumes the run at its first unfinished stage.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ log = logging.getLogger("speechalign")
 
 ROUND_STAGES = ("sample", "pair", "train", "evaluate")
 STAGE_FNS = {"sample": stages.sample, "pair": stages.pair, "train": methods.train, "evaluate": stages.evaluate}
+# Stages whose work is one process's: the others wait at the barrier after them.
+MAIN_ONLY_STAGES = frozenset({"pair"})
 # Each stage's seed offset, fixed per name: adding a stage moves no other stage's seed. (The values
 # are the ones the earlier rule -- the index in the sorted stage names -- gave, so results match.)
 STAGE_SEED_OFFSETS = {"train": 0, "evaluate": 1, "pair": 2, "sample": 3}
@@ -43,7 +51,8 @@ def _base(ctx: Context, k: int) -> dict:
     out = ctx.run.policy_dir(0)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats = run_base_stage(ctx, out)
-    write_json(ctx.run.base_json(), stats)
+    if ctx.ranks.is_main:
+        write_json(ctx.run.base_json(), stats)
     return stats
 
 
@@ -62,6 +71,7 @@ def run_loop(cfg: RunConfig, only_stage: str | None = None, stop_after: str | No
     run = RunDir(cfg)
     ctx = Context(cfg, run)
     log.info("run %s: %d rounds, device %s", run.root, cfg.rounds, ctx.device)
+    _prepare_on_main(ctx)
     plan = [(0, name, fn) for name, fn in ROUND0_STAGES.items()]
     plan += [(k, name, STAGE_FNS[name]) for k in range(1, cfg.rounds + 1) for name in ROUND_STAGES]
     for k, name, fn in plan:
@@ -72,15 +82,27 @@ def run_loop(cfg: RunConfig, only_stage: str | None = None, stop_after: str | No
         seed_everything(stage_seed(cfg.seed, k, name))
         log.info("round %d: %s", k, name)
         t0 = time.time()
-        fn(ctx, k)
+        if name not in MAIN_ONLY_STAGES or run.ranks.is_main:
+            fn(ctx, k)
         run.mark_done(k, name, time.time() - t0)
-        if name == "evaluate":
+        if name == "evaluate" and run.ranks.is_main:
             write_metrics(run)
         if stop_after == f"{k}:{name}":
             log.info("stopping after %s as asked", stop_after)
             return run.root
-    write_metrics(run)
+    if run.ranks.is_main:
+        write_metrics(run)
     return run.root
+
+
+def _prepare_on_main(ctx: Context) -> None:
+    """With several processes, rank 0 builds the corpus and fits the codec (cached) before the others
+    load them, so N processes do not synthesise or fit the same files side by side."""
+    if ctx.ranks.world == 1:
+        return
+    if ctx.ranks.is_main:
+        ctx.splits, ctx.codec  # noqa: B018 (built and cached on first access)
+    ctx.ranks.barrier()
 
 
 def round_row(run: RunDir, k: int) -> dict | None:
@@ -133,6 +155,7 @@ def run_base(cfg: RunConfig) -> Path:
     """
     run = RunDir(cfg)
     ctx = Context(cfg, run)
+    _prepare_on_main(ctx)
     if run.done(0, "base"):
         log.info("round 0: base already done (%s)", run.policy_dir(0))
     else:

@@ -74,9 +74,37 @@ def _write_metrics(work: Path, stats: dict, history: list[dict]) -> None:
     write_json(work / "metrics.json", {"summary": stats, "history": history})
 
 
+def _finish(ctx: "Context", k: int, policy, stats: dict, history: list[dict], trainer_dir: Path | None = None) -> None:
+    """Round k's policy and ``train/metrics.json``, written by rank 0 once every rank is done (the ranks
+    hold the same weights); the trainer's checkpoints go, the policy dir is the round's checkpoint."""
+    ctx.ranks.barrier()
+    if not ctx.ranks.is_main:
+        return
+    policy.save(ctx.run.policy_dir(k))
+    work = ctx.run.train_dir(k)
+    work.mkdir(parents=True, exist_ok=True)
+    _write_metrics(work, stats, history)
+    if trainer_dir is not None:
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods: fn(ctx, k) -> summary; each writes round_k/dpo/metrics.json and round_k/policy/
 # ---------------------------------------------------------------------------------------------
+def per_process_batch(batch_size: int, world: int, what: str) -> int:
+    """Each process's share of a global batch; the batch must split evenly (else 1 and N processes differ)."""
+    if batch_size % world:
+        raise ValueError(f"{what}={batch_size} does not split over {world} processes; use a multiple of {world}")
+    return batch_size // world
+
+
+def _data_parallel(ctx: "Context") -> dict:
+    """``sft_steps`` keywords for this launch: none with one process (it trains as it always has), else the
+    process's device and an Accelerator whose processes share every batch (``align.training.fit``)."""
+    accelerator = ctx.ranks.accelerator(ctx.device)
+    return {} if accelerator is None else {"device": str(accelerator.device), "accelerator": accelerator}
+
+
 def nan_guard():
     """A trainer callback that stops loudly when the DPO loss is not finite."""
     from transformers import TrainerCallback
@@ -126,6 +154,8 @@ def dpo(ctx: "Context", k: int) -> dict:
     dataset = Dataset.from_list([{"prompt": with_hint(p["prompt"], hint), "chosen": p["chosen"],
                                   "rejected": p["rejected"]} for p in pairs])
     ref = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32)
+    # The global batch is dpo.batch_size whatever the process count, so 1 and N processes take the same steps.
+    per_device = per_process_batch(dcfg.batch_size, ctx.ranks.world, "dpo.batch_size")
     work = ctx.run.train_dir(k)
     work.mkdir(parents=True, exist_ok=True)
     args = DPOConfig(
@@ -134,8 +164,9 @@ def dpo(ctx: "Context", k: int) -> dict:
         loss_weights=[1.0, dcfg.sft_weight] if dcfg.sft_weight > 0 else None,
         label_smoothing=dcfg.label_smoothing, discopop_tau=dcfg.discopop_tau, ld_alpha=dcfg.ld_alpha,
         f_divergence_type=dcfg.f_divergence_type, f_alpha_divergence_coef=dcfg.f_alpha_divergence_coef,
-        use_weighting=dcfg.use_weighting,
-        learning_rate=dcfg.learning_rate, max_steps=dcfg.steps, per_device_train_batch_size=dcfg.batch_size,
+        use_weighting=dcfg.use_weighting, precompute_ref_log_probs=dcfg.precompute_ref,
+        precompute_ref_batch_size=per_device,
+        learning_rate=dcfg.learning_rate, max_steps=dcfg.steps, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=dcfg.grad_accum, warmup_steps=int(dcfg.warmup_ratio * dcfg.steps),
         lr_scheduler_type="cosine", max_length=dcfg.max_length, logging_steps=1, save_steps=dcfg.save_steps,
         save_strategy="steps", save_total_limit=1, save_only_model=False, report_to="none", seed=cfg.seed + k,
@@ -155,20 +186,38 @@ def dpo(ctx: "Context", k: int) -> dict:
         log.info("round %d dpo: resuming from %s", k, resume)
     result = trainer.train(resume_from_checkpoint=resume)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    model = trainer.model
-    if dcfg.lora:
-        model = model.merge_and_unload()
-    policy.lm = model.eval()
-    policy.save(ctx.run.policy_dir(k))
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        policy.lm = _gathered_lm(trainer, prev, dcfg.lora)
+    else:
+        model = trainer.model
+        if dcfg.lora:
+            model = model.merge_and_unload()
+        policy.lm = model.eval()
     stats = {"method": "dpo", "steps": result.global_step, "loss": tail_mean(history, "loss"),
              "reward_accuracy": tail_mean(history, "rewards/accuracies"),
              "reward_margin": tail_mean(history, "rewards/margins"), "logps_chosen": tail_mean(history, "logps/chosen"),
              "logps_rejected": tail_mean(history, "logps/rejected"), "pairs": len(pairs)}
-    _write_metrics(work, stats, history)
-    shutil.rmtree(work / "trainer", ignore_errors=True)  # the policy dir is the round's checkpoint
+    _finish(ctx, k, policy, stats, history, work / "trainer")
     log.info("round %d dpo: loss %.4f reward acc %.3f margin %.3f", k, stats["loss"] or float("nan"),
              stats["reward_accuracy"] or float("nan"), stats["reward_margin"] or float("nan"))
     return stats
+
+
+def _gathered_lm(trainer, prev: Path, lora: bool):
+    """The trained LM as one whole model (rank 0; None elsewhere) when FSDP or DeepSpeed ZeRO-3 sharded it over
+    the processes (configs/accelerate/fsdp.yaml, zero3.yaml): the full state dict is gathered (every rank
+    takes part) and loaded into a fresh copy of the round's starting weights."""
+    from transformers import AutoModelForCausalLM
+
+    if lora:
+        raise ValueError("dpo.lora=true with FSDP/ZeRO-3 sharding is not supported: LoRA DPO of the 7B shape fits "
+                         "each GPU whole, so launch it with configs/accelerate/ddp.yaml")
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.accelerator.is_main_process:
+        return None
+    lm = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32)
+    lm.load_state_dict({k: v.float() for k, v in state.items()})
+    return lm.eval()
 
 
 def sft_control(ctx: "Context", k: int) -> dict:
@@ -190,12 +239,9 @@ def sft_control(ctx: "Context", k: int) -> dict:
                          policy.format.completion_str(golden)))
     loss, history = sft_steps(policy, examples, steps=dcfg.steps, lr=dcfg.learning_rate, batch_size=dcfg.batch_size,
                               warmup=int(dcfg.warmup_ratio * dcfg.steps), seed=cfg.seed + k, bcfg=cfg.base,
-                              name=f"round {k} sft_control")
-    policy.save(ctx.run.policy_dir(k))
+                              name=f"round {k} sft_control", **_data_parallel(ctx))
     stats = _summary("sft_control", loss=loss, sft_loss=loss, examples=len(examples), steps=dcfg.steps)
-    work = ctx.run.train_dir(k)
-    work.mkdir(parents=True, exist_ok=True)
-    _write_metrics(work, stats, history)
+    _finish(ctx, k, policy, stats, history)
     log.info("round %d sft_control: loss %.4f on %d golden sequences", k, loss, len(examples))
     return stats
 
@@ -223,13 +269,10 @@ def coh(ctx: "Context", k: int) -> dict:
     add_hint_tokens(policy)
     loss, history = sft_steps(policy, examples, steps=dcfg.steps, lr=dcfg.learning_rate, batch_size=dcfg.batch_size,
                               warmup=int(dcfg.warmup_ratio * dcfg.steps), seed=cfg.seed + k, bcfg=cfg.base,
-                              name=f"round {k} coh")
+                              name=f"round {k} coh", **_data_parallel(ctx))
     policy.meta["quality_hint"] = GOOD
-    policy.save(ctx.run.policy_dir(k))
     stats = _summary("coh", loss=loss, pairs=len(pairs), examples=len(examples), steps=dcfg.steps)
-    work = ctx.run.train_dir(k)
-    work.mkdir(parents=True, exist_ok=True)
-    _write_metrics(work, stats, history)
+    _finish(ctx, k, policy, stats, history)
     log.info("round %d coh: loss %.4f on %d hinted sequences", k, loss, len(examples))
     return stats
 
@@ -255,10 +298,9 @@ def reward_bon(ctx: "Context", k: int) -> dict:
     policy.reranker = None  # a fresh reward model replaces last round's
     rm, stats = _train_rm(ctx, k, policy, pairs)
     policy.reranker = BestOfN(rm, ctx.cfg.train.best_of_n, tuple(ctx.cfg.train.best_of_n_length_band))
-    policy.save(ctx.run.policy_dir(k))
     summary = _summary("reward_bon", loss=stats["rm_loss"], reward_accuracy=stats["rm_accuracy"],
                        reward_margin=stats["rm_margin"], pairs=len(pairs), best_of_n=ctx.cfg.train.best_of_n, **stats)
-    _write_metrics(ctx.run.train_dir(k), summary, [])
+    _finish(ctx, k, policy, summary, [])
     return summary
 
 
@@ -363,11 +405,9 @@ def grpo(ctx: "Context", k: int) -> dict:
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
     policy.lm = trainer.model.cpu().eval()
-    policy.save(ctx.run.policy_dir(k))
-    shutil.rmtree(work / "trainer", ignore_errors=True)
     summary = _summary("grpo", loss=tail_mean(history, "loss"), pairs=extra.get("rm_pairs"),
                        grpo_reward=tail_mean(history, "reward"), grpo_reward_std=tail_mean(history, "reward_std"), prompts=len(data), steps=gcfg.steps, **extra)
-    _write_metrics(work, summary, history)
+    _finish(ctx, k, policy, summary, history, work / "trainer")
     log.info("round %d grpo: loss %s reward %s", k, summary["loss"], summary["grpo_reward"])
     return summary
 

@@ -9,6 +9,9 @@ Every path a stage reads or writes is a ``RunDir`` method (``samples_dir(k)``, `
 ``state.json`` records which (round, stage) pairs are done, written atomically after each stage,
 so a killed run resumes at the first unfinished stage. Stages write into temp folders and rename,
 so a half-written stage leaves nothing a resume could mistake for output.
+
+Under ``accelerate launch`` (align/dist.py) rank 0 alone writes the run's files (config, state, log); the
+other ranks read them after a barrier, so no two processes race on one file or folder.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 import yaml
 
 from align.config import RunConfig, config_to_dict
+from align.dist import Ranks, process_ranks
 from models.data import Skip, Utterance, choose_prompt, load_any
 from models.io import atomic_dir, atomic_write_text, write_json, write_jsonl
 from models.rundir import RunLayout
@@ -52,13 +56,18 @@ def resolve_device(device: str) -> str:
 class RunDir(RunLayout):
     """One run directory: its paths (``RunLayout``), its config, ``state.json`` and log."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, ranks: Ranks | None = None):
         super().__init__(cfg.run_dir)
         self.cfg = cfg
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._check_config()
-        self._attach_log()
-        self._migrate()
+        self.ranks = ranks or process_ranks()
+        if self.ranks.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._check_config()
+            self._attach_log()
+            self._migrate()
+        self.ranks.barrier()
+        if not self.ranks.is_main:
+            self._check_config()  # reads the config rank 0 wrote: every rank runs the same experiment
 
     def _migrate(self) -> None:
         """Bring a run directory of older code up to date, or refuse it with the reason.
@@ -122,9 +131,13 @@ class RunDir(RunLayout):
         return stage in self.state()["done"].get(str(k), {})
 
     def mark_done(self, k: int, stage: str, seconds: float) -> None:
-        state = self.state()
-        state["done"].setdefault(str(k), {})[stage] = {"seconds": round(seconds, 2), "finished": time.time()}
-        write_json(self.state_path, state)
+        """Record a finished stage (rank 0 writes; every rank returns once the state says so)."""
+        self.ranks.barrier()  # every rank has finished the stage's work
+        if self.ranks.is_main:
+            state = self.state()
+            state["done"].setdefault(str(k), {})[stage] = {"seconds": round(seconds, 2), "finished": time.time()}
+            write_json(self.state_path, state)
+        self.ranks.barrier()
 
     def stage_seconds(self, k: int) -> dict[str, float]:
         return {s: v["seconds"] for s, v in self.state()["done"].get(str(k), {}).items()}
@@ -170,7 +183,8 @@ class Context:
         # run=None: data and codec only (``speechalign prepare``), no run directory is created.
         self.cfg = cfg
         self.run = run
-        self.device = resolve_device(cfg.device)
+        self.ranks = run.ranks if run is not None else process_ranks()
+        self.device = self.ranks.device(resolve_device(cfg.device))
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
 
@@ -209,7 +223,8 @@ class Context:
         if skipped:
             if self.run is not None:
                 where = str(self.run.root / "skipped.jsonl")
-                write_jsonl(self.run.root / "skipped.jsonl", [s.__dict__ for s in skipped])
+                if self.ranks.is_main:
+                    write_jsonl(self.run.root / "skipped.jsonl", [s.__dict__ for s in skipped])
             log.warning("%d utterances skipped (see %s): %s", len(skipped), where,
                         "; ".join(f"{s.id}: {s.reason}" for s in skipped[:5]))
         for split in ("train", "test"):

@@ -10,12 +10,13 @@ can be re-run alone (``--only-stage``) and a killed stage leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -40,11 +41,22 @@ def round_subset(items: list, n: int, seed: int) -> list:
     return sorted(rng.sample(items, n), key=lambda u: u.id)
 
 
+@contextlib.contextmanager
+def _nowhere() -> Iterator[None]:
+    """What a rank other than 0 writes a stage's folder into: nothing (rank 0 writes it)."""
+    yield None
+
+
 # ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
 def sample(ctx: "Context", k: int) -> dict:
-    """Round k-1's policy speaks a seeded subset of the training texts, N samples each."""
+    """Round k-1's policy speaks a seeded subset of the training texts, N samples each.
+
+    Batches of ``sample.batch_size`` are cut from the subset and dealt to the ranks; batch [start, stop)
+    draws under ``seed + start``, so the samples are the same for any number of processes."""
+    from tqdm import tqdm
+
     from models.codec_lm import Policy
 
     cfg, scfg = ctx.cfg, ctx.cfg.sample
@@ -53,32 +65,39 @@ def sample(ctx: "Context", k: int) -> dict:
     prompts = [ctx.prompt_for(u, train, salt=k) for u in subset]
     policy = Policy.load(ctx.run.policy_dir(k - 1), device=ctx.device)
     texts, prompt_codes = [u.text for u in subset], [ctx.codes(p) for p in prompts]
+    seed = cfg.seed * 1000 + k
     t0 = time.time()
-    if scfg.varied:  # one generate() per sample index, each with its own (temperature, top_p)
-        outs = [[] for _ in subset]
-        for j in range(scfg.n):
-            temperature, top_p = scfg.settings(j)
-            one = policy.generate(texts, prompt_codes, n=1, temperature=temperature, top_k=scfg.top_k, top_p=top_p,
-                                  batch_size=scfg.batch_size, seed=cfg.seed * 1000 + k + 7919 * j, progress=True)
-            for o, s in zip(outs, one):
-                o.extend(s)
-    else:
-        outs = policy.generate(texts, prompt_codes, n=scfg.n, temperature=scfg.temperature, top_k=scfg.top_k,
-                               top_p=scfg.top_p, batch_size=scfg.batch_size, seed=cfg.seed * 1000 + k, progress=True)
-    seconds = time.time() - t0
+    mine = []  # (start, samples of the batch's utterances) for this rank's batches
+    for start, stop in tqdm(ctx.ranks.batches(len(subset), scfg.batch_size), desc="sampling", leave=False):
+        kw = dict(top_k=scfg.top_k, batch_size=stop - start)
+        if scfg.varied:  # one generate() per sample index, each with its own (temperature, top_p)
+            outs = [[] for _ in range(start, stop)]
+            for j in range(scfg.n):
+                temperature, top_p = scfg.settings(j)
+                one = policy.generate(texts[start:stop], prompt_codes[start:stop], n=1, temperature=temperature,
+                                      top_p=top_p, seed=seed + 7919 * j + start, **kw)
+                for o, s in zip(outs, one):
+                    o.extend(s)
+        else:
+            outs = policy.generate(texts[start:stop], prompt_codes[start:stop], n=scfg.n, temperature=scfg.temperature,
+                                   top_p=scfg.top_p, seed=seed + start, **kw)
+        mine.append((start, [[c.tolist() for c in o] for o in outs]))
+    seconds = ctx.ranks.gather([time.time() - t0])
     rows = []
-    for u, p, samples in zip(subset, prompts, outs):
-        for j, codes in enumerate(samples):
-            temperature, top_p = scfg.settings(j)
-            rows.append({"id": u.id, "prompt_id": p.id, "text": u.text, "speaker": u.speaker, "sample": j,
-                         "temperature": temperature, "top_p": top_p, "codes": codes.tolist()})
+    for start, outs in sorted(ctx.ranks.gather(mine), key=lambda part: part[0]):
+        for u, p, samples in zip(subset[start:], prompts[start:], outs):
+            for j, codes in enumerate(samples):
+                temperature, top_p = scfg.settings(j)
+                rows.append({"id": u.id, "prompt_id": p.id, "text": u.text, "speaker": u.speaker, "sample": j,
+                             "temperature": temperature, "top_p": top_p, "codes": codes})
     n_tokens = sum(len(r["codes"]) for r in rows)
     stats = {"prompts": len(subset), "samples": len(rows), "tokens": n_tokens,
-             "tokens_per_second": n_tokens / max(seconds, 1e-9),
-             "empty": sum(1 for r in rows if not r["codes"])}
-    with atomic_dir(ctx.run.samples_dir(k)) as tmp:
-        write_jsonl(tmp / "samples.jsonl", rows)
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+             "tokens_per_second": n_tokens / max(max(seconds), 1e-9),  # the slowest rank's clock
+             "empty": sum(1 for r in rows if not r["codes"]), "processes": ctx.ranks.world}
+    if ctx.ranks.is_main:
+        with atomic_dir(ctx.run.samples_dir(k)) as tmp:
+            write_jsonl(tmp / "samples.jsonl", rows)
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     log.info("round %d sample: %d samples, %.0f tokens/s", k, len(rows), stats["tokens_per_second"])
     return stats
 
@@ -163,7 +182,9 @@ def evaluate(ctx: "Context", k: int) -> dict:
     """Score round k's policy on the test split; rows to eval/rows.jsonl, means to eval/summary.json.
 
     Also the golden-vs-synthetic gap (eval/gap.py) on held-out texts -> eval/gap.json and gap_* keys
-    of the summary (so metrics.jsonl carries them per round).
+    of the summary (so metrics.jsonl carries them per round). With several processes the utterances are
+    shared out in batches (``evaluate_policy``'s ``batches``/``gather``); rank 0 writes the folder and runs
+    the gap analysis, and returns the summary ({} on the other ranks).
     """
     from eval.evaluate import evaluate_policy
     from models.codec_lm import Policy
@@ -172,18 +193,23 @@ def evaluate(ctx: "Context", k: int) -> dict:
     ecfg = ctx.cfg.eval
     policy = Policy.load(ctx.run.policy_dir(k), device=ctx.device)
     scorers = ctx.scorers
+    ranks = ctx.ranks
     # a folder keeps its whole name (VCTK-Corpus-0.92), a manifest loses its suffix
     sets = [("", None)] + [(Path(p).name if Path(p).is_dir() else Path(p).stem, p) for p in ecfg.extra_sets]
-    with atomic_dir(ctx.run.eval_dir(k)) as tmp:
+    with atomic_dir(ctx.run.eval_dir(k)) if ranks.is_main else _nowhere() as tmp:
         for name, src in sets:
-            out = tmp / name if name else tmp
-            out.mkdir(parents=True, exist_ok=True)
+            out = None if tmp is None else (tmp / name if name else tmp)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
             items = eval_items(ctx, None if src is None else load_any(src)[0])
             set_summary, rows = evaluate_policy(
                 policy, items, scorers=scorers,
                 temperature=ecfg.temperature, top_k=ecfg.top_k, top_p=ecfg.top_p, seed=ctx.cfg.seed + 7,
-                batch_size=ecfg.batch_size, save_audio_dir=out / "audio", save_n=ecfg.save_audio,
-                max_seconds=ctx.cfg.data.max_seconds)
+                batch_size=ecfg.batch_size, save_audio_dir=None if out is None else out / "audio",
+                save_n=ecfg.save_audio, max_seconds=ctx.cfg.data.max_seconds,
+                batches=ranks.batches(len(items), ecfg.batch_size), gather=ranks.gather)
+            if out is None:
+                continue
             # The item set is fixed, so the same first save_audio ids have audio every round (an empty
             # output has none); the paths let the report play the golden and prompt recordings beside it.
             for i, (r, it) in enumerate(zip(rows, items)):
@@ -196,6 +222,8 @@ def evaluate(ctx: "Context", k: int) -> dict:
             else:
                 summary.setdefault("extra", {})[name] = {key: set_summary.get(key) for key in
                                                          ("wer", "sim", "dnsmos", "utmos", "n")}
+        if tmp is None:  # the gap analysis and the files are rank 0's
+            return {}
         if ecfg.gap_utterances:
             from eval.gap import gap_analysis
 

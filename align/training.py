@@ -36,14 +36,17 @@ def check_finite(loss: torch.Tensor, what: str, step: int) -> None:
 
 def fit(name: str, model: torch.nn.Module, loss_fn: Callable[[list[int]], torch.Tensor], *, n_items: int,
         batch_size: int, steps: int, lr: float, warmup: int, betas: tuple[float, float], bcfg: "BaseConfig",
-        rng: random.Random, accelerator=None) -> tuple[float, list[dict]]:
+        rng: random.Random, accelerator=None,
+        weight_fn: Callable[[list[int]], int] | None = None) -> tuple[float, list[dict]]:
     """AdamW over shuffled mini-batches of item indices, warm-up then cosine; stops on a non-finite loss.
 
     ``loss_fn(batch indices) -> scalar loss``. ``bcfg`` gives weight decay, gradient clip and log interval.
     With an ``accelerate.Accelerator`` running several processes, each takes its share of every
-    batch (all draw the same seeded order) and gradients are averaged across them before the step,
-    so the update equals the single-process one on the whole batch.
-    Returns the smoothed final loss and a history row every ``bcfg.log_every`` steps.
+    batch (all draw the same seeded order) and gradients are averaged across them before the step.
+    ``weight_fn(batch indices) -> the number of terms loss_fn averages over`` (tokens, frames): each
+    share's loss is scaled by its part of the whole batch's terms, so the averaged gradient is the
+    single-process one on the whole batch (equal up to float sums), not a mean of unequal shares' means.
+    Returns the smoothed final loss (of this process's shares) and a history row every ``bcfg.log_every`` steps.
     """
     from tqdm import tqdm
 
@@ -59,8 +62,12 @@ def fit(name: str, model: torch.nn.Module, loss_fn: Callable[[list[int]], torch.
             order += idx
         batch = order[:batch_size]
         del order[:batch_size]
+        scale = 1.0
         if accelerator is not None and accelerator.num_processes > 1:
+            whole = batch
             batch = batch[accelerator.process_index::accelerator.num_processes]
+            if weight_fn is not None:
+                scale = accelerator.num_processes * weight_fn(batch) / max(1, weight_fn(whole))
         for g in opt.param_groups:
             g["lr"] = lr * cosine_lr(step, steps, warmup)
         loss = loss_fn(batch)
@@ -69,7 +76,7 @@ def fit(name: str, model: torch.nn.Module, loss_fn: Callable[[list[int]], torch.
         if accelerator is None:
             loss.backward()
         else:
-            accelerator.backward(loss)
+            accelerator.backward(loss * scale)
             if accelerator.num_processes > 1:
                 for p in model.parameters():
                     if p.grad is not None:
@@ -179,13 +186,15 @@ def train_ar(ctx: "Context", examples: list, rng: random.Random, device: str | N
     ar_final, history = fit("base AR", lm, lambda batch: lm_loss(lm, [seqs[i] for i in batch], tok.pad_token_id,
                                                                  device),
                             n_items=len(seqs), batch_size=bcfg.batch_size, steps=bcfg.steps, lr=bcfg.lr,
-                            warmup=bcfg.warmup_steps, betas=(0.9, 0.98), bcfg=bcfg, rng=rng, accelerator=accelerator)
+                            warmup=bcfg.warmup_steps, betas=(0.9, 0.98), bcfg=bcfg, rng=rng, accelerator=accelerator,
+                            weight_fn=lambda batch: sum(len(seqs[i][1]) for i in batch))
     return lm, tok, {"ar_loss": ar_final, "history": history, "frames_per_char": frames_per_char,
                      "examples": len(seqs), **extra}
 
 
 def train_nar(ctx: "Context", examples: list, rng: random.Random, *, size: str, steps: int, batch_size: int,
-              lr: float, seed: int, kind: str | None = None, name: str = "base NAR") -> tuple[torch.nn.Module, float]:
+              lr: float, seed: int, kind: str | None = None, name: str = "base NAR",
+              accelerator=None) -> tuple[torch.nn.Module, float]:
     """The NAR model (levels 2..n_q from RVQ-1 and the prompt) on ``golden_examples`` rows.
 
     Returns (NAR on the run's device, smoothed final loss). ``size``: a ``NARConfig.named`` size;
@@ -206,13 +215,14 @@ def train_nar(ctx: "Context", examples: list, rng: random.Random, *, size: str, 
         return nar.loss(prompt.to(ctx.device), target.to(ctx.device), pm.to(ctx.device), tm.to(ctx.device), level)
 
     loss, _ = fit(name, nar, nar_step_loss, n_items=len(examples), batch_size=batch_size, steps=steps, lr=lr,
-                  warmup=min(bcfg.warmup_steps, steps // 10), betas=(0.9, 0.999), bcfg=bcfg, rng=rng)
+                  warmup=min(bcfg.warmup_steps, steps // 10), betas=(0.9, 0.999), bcfg=bcfg, rng=rng,
+                  accelerator=accelerator, weight_fn=lambda batch: sum(examples[i][1].shape[1] for i in batch))
     return nar, loss
 
 
 def train_renderer(ctx: "Context", examples: list, rng: random.Random, *, size: str, steps: int, batch_size: int,
                    lr: float, seed: int, streams: list[torch.LongTensor] | None = None,
-                   name: str = "base renderer") -> tuple[torch.nn.Module, float]:
+                   name: str = "base renderer", accelerator=None) -> tuple[torch.nn.Module, float]:
     """The phone renderer (models/renderer.py): golden RVQ-1 + frame units + prompt latent -> golden latent.
 
     examples: ``golden_examples`` rows; streams: their ``golden_streams`` (built here when None).
@@ -239,13 +249,16 @@ def train_renderer(ctx: "Context", examples: list, rng: random.Random, *, size: 
 
     log.info("%s: %d examples, %.2fM params", name, len(rows), sum(p.numel() for p in model.parameters()) / 1e6)
     loss, _ = fit(name, model, step_loss, n_items=len(rows), batch_size=batch_size, steps=steps, lr=lr,
-                  warmup=min(bcfg.warmup_steps, steps // 10), betas=(0.9, 0.98), bcfg=bcfg, rng=rng)
+                  warmup=min(bcfg.warmup_steps, steps // 10), betas=(0.9, 0.98), bcfg=bcfg, rng=rng,
+                  accelerator=accelerator, weight_fn=lambda batch: sum(len(rows[i][1]) for i in batch))
     return model, loss
 
 
 def sft_steps(policy, examples: list[tuple[str, str]], *, steps: int, lr: float, batch_size: int, warmup: int,
-              seed: int, bcfg: "BaseConfig", device: str = "cpu", name: str = "sft") -> tuple[float, list[dict]]:
+              seed: int, bcfg: "BaseConfig", device: str = "cpu", name: str = "sft",
+              accelerator=None) -> tuple[float, list[dict]]:
     """Teacher forcing of ``policy.lm`` on (prompt string, completion string) examples; loss on the completion.
+    With an ``accelerator`` of several processes each takes its share of every batch (``fit``).
 
     Returns (final loss, history); ``policy.lm`` is left trained, on the CPU, in eval mode.
     """
@@ -255,6 +268,7 @@ def sft_steps(policy, examples: list[tuple[str, str]], *, steps: int, lr: float,
     lm = policy.lm.to(device)
     final, history = fit(name, lm, lambda batch: lm_loss(lm, [seqs[i] for i in batch], tok.pad_token_id, device),
                          n_items=len(seqs), batch_size=batch_size, steps=steps, lr=lr, warmup=warmup,
-                         betas=(0.9, 0.999), bcfg=bcfg, rng=random.Random(seed))
+                         betas=(0.9, 0.999), bcfg=bcfg, rng=random.Random(seed), accelerator=accelerator,
+                         weight_fn=lambda batch: sum(len(seqs[i][1]) for i in batch))
     policy.lm = lm.cpu().eval()
     return final, history

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -37,40 +38,65 @@ class EvalItem:
     prompt_id: str | None = None  # the prompt utterance's id, where it has one
 
 
+def item_seed(seed: int, item_id: str) -> int:
+    """The seed one utterance is rendered under: a function of (run seed, utterance id) alone, so its audio
+    is the same whichever process, batch or position renders it."""
+    return (seed * 1_000_003 + zlib.crc32(item_id.encode())) % 2**63
+
+
 def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temperature: float, top_k: int,
                     top_p: float, seed: int, batch_size: int, save_audio_dir: Path | None = None, save_n: int = 0,
-                    max_seconds: float | None = None) -> tuple[dict, list[dict]]:
+                    max_seconds: float | None = None, batches: list[tuple[int, int]] | None = None,
+                    gather: Callable[[list], list] | None = None) -> tuple[dict, list[dict]]:
     """Synthesise and score every item with ``scorers`` (``eval.scorers.build_scorers``).
+
+    Items are spoken in batches of ``batch_size`` cut from the whole list; batch [start, stop) samples
+    under ``seed + start`` and each utterance renders under ``item_seed(seed, id)``. Several processes
+    share the work by passing ``batches`` (the (start, stop) slices this one speaks, default all of them)
+    and ``gather`` (every process's rows, concatenated, on every process; e.g. ``align.dist.Ranks.gather``):
+    the result is the one a single process gives.
 
     Returns (summary, rows): summary has corpus WER, mean SIM, the mean of each quality score (over
     the utterances it could score; NaN ones, i.e. silent outputs, are counted in ``quality_unscored``),
-    counts and timings; rows one dict per utterance (id, text, speaker, hypothesis, wer, sim,
-    duration, n_frames, codes: the RVQ-1 tokens spoken, and the quality model's keys, e.g. ``dnsmos``).
+    counts and timings (of this process); rows one dict per utterance in item order (id, text, speaker,
+    hypothesis, wer, sim, duration, n_frames, codes: the RVQ-1 tokens spoken, and the quality model's
+    keys, e.g. ``dnsmos``). The first ``save_n`` utterances' audio goes to ``save_audio_dir`` when given.
     """
+    from tqdm import tqdm
+
     from eval.asr import corpus_wer
 
     codec = policy.codec
+    if batches is None:
+        batches = [(s, min(s + batch_size, len(items))) for s in range(0, len(items), batch_size)]
     t0 = time.time()
-    prompts = []
-    for it in items:
-        if it.prompt_codes is None:
-            it.prompt_codes = codec.encode(load_audio(it.prompt_audio, codec.sample_rate, max_seconds))
-        prompts.append(it.prompt_codes)
-    samples = policy.generate([it.text for it in items], prompts, n=1, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, batch_size=batch_size, progress=True)
+    index: list[int] = []
+    samples, prompts = [], []
+    for start, stop in tqdm(batches, desc="speaking", leave=False):
+        part = items[start:stop]
+        for it in part:
+            if it.prompt_codes is None:
+                it.prompt_codes = codec.encode(load_audio(it.prompt_audio, codec.sample_rate, max_seconds))
+        samples += policy.generate([it.text for it in part], [it.prompt_codes for it in part], n=1,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + start,
+                                   batch_size=stop - start)
+        prompts += [it.prompt_codes for it in part]
+        index += list(range(start, stop))
+    mine = [items[i] for i in index]
     t_gen = time.time() - t0
 
     t0 = time.time()
-    from tqdm import tqdm
-
-    wavs = [policy.render(s[0], p) for s, p in tqdm(list(zip(samples, prompts)), desc="rendering", leave=False)]
+    wavs = []
+    for it, s, p in tqdm(list(zip(mine, samples, prompts)), desc="rendering", leave=False):
+        torch.manual_seed(item_seed(seed, it.id))  # a stochastic renderer (flow, sampled NAR) draws its own noise
+        wavs.append(policy.render(s[0], p))
     t_render = time.time() - t0
 
     t0 = time.time()
-    wers, hyps = scorers.wer(wavs, codec.sample_rate, [it.text for it in items])
+    wers, hyps = scorers.wer(wavs, codec.sample_rate, [it.text for it in mine])
     t_asr = time.time() - t0
     t0 = time.time()
-    refs = [load_audio(it.audio, scorers.speaker.sample_rate, max_seconds) for it in items]
+    refs = [load_audio(it.audio, scorers.speaker.sample_rate, max_seconds) for it in mine]
     sims = scorers.sim(wavs, codec.sample_rate, refs)
     t_sim = time.time() - t0
     t0 = time.time()
@@ -79,17 +105,24 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
     t_quality = time.time() - t0
 
     rows = []
-    for i, (it, s, w, h, wer, sim, q) in enumerate(zip(items, samples, wavs, hyps, wers, sims, scores)):
+    for i, it, s, w, h, wer, sim, q in zip(index, mine, samples, wavs, hyps, wers, sims, scores):
         rows.append({"id": it.id, "text": it.text, "speaker": it.speaker, "hypothesis": h, "wer": wer,
                      "sim": float(sim), "duration": len(w) / codec.sample_rate,
                      "n_frames": int(policy.format.frames(s[0]).numel()),
-                     "codes": s[0].tolist(), "prompt_id": it.prompt_id, **q})
-        if save_audio_dir is not None and i < save_n and len(w):
-            save_audio(Path(save_audio_dir) / f"{it.id}.wav", w, codec.sample_rate)
+                     "codes": s[0].tolist(), "prompt_id": it.prompt_id, **q,
+                     "_index": i, "_wav": w if i < save_n and len(w) else None})
+    if gather is not None:
+        rows = gather(rows)
+    rows.sort(key=lambda r: r["_index"])
+    for r in rows:
+        w = r.pop("_wav")
+        r.pop("_index")
+        if save_audio_dir is not None and w is not None:
+            save_audio(Path(save_audio_dir) / f"{r['id']}.wav", w, codec.sample_rate)
     summary = {
-        "wer": corpus_wer([it.text for it in items], hyps),
+        "wer": corpus_wer([r["text"] for r in rows], [r["hypothesis"] for r in rows]),
         "wer_mean": float(np.mean([r["wer"] for r in rows])),
-        "sim": float(np.mean(sims)),
+        "sim": float(np.mean(np.asarray([r["sim"] for r in rows], dtype=np.float32))),  # the encoder's precision
         "n": len(rows),
         "empty_outputs": sum(1 for r in rows if r["n_frames"] == 0),
         "mean_duration": float(np.mean([r["duration"] for r in rows])),
@@ -98,9 +131,9 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
     }
     if quality is not None:
         for key in quality.keys:
-            vals = np.array([q[key] for q in scores], dtype=np.float64)
+            vals = np.array([r[key] for r in rows], dtype=np.float64)
             summary[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
-        summary["quality_unscored"] = int(sum(not np.isfinite(q[quality.keys[0]]) for q in scores))
+        summary["quality_unscored"] = int(sum(not np.isfinite(r[quality.keys[0]]) for r in rows))
     return summary, rows
 
 

@@ -139,40 +139,52 @@ class _WalkUnits:
 
     def __init__(self, units: list[list[int]], codec_ids: torch.Tensor, eos_id: int, vocab_size: int,
                  max_frames: int, unit_ids: torch.Tensor):
-        self.units, self.eos_id, self.max_frames = units, eos_id, max_frames
+        self.eos_id, self.max_frames = eos_id, max_frames
         self.unit_ids = torch.cat([unit_ids, torch.tensor([eos_id])])
         self.codec_mask = torch.full((vocab_size,), float("-inf"))
         self.codec_mask[codec_ids] = 0.0
-        self.is_codec = torch.zeros(vocab_size, dtype=torch.bool)
+        self.is_codec = torch.zeros(vocab_size + 1, dtype=torch.bool)  # (+1: a pad id past the vocab is no codec)
         self.is_codec[codec_ids] = True
-        self.pos = [0] * len(units)      # units emitted so far
-        self.frames = [0] * len(units)   # codec tokens since the last unit
+        # every row's units, padded with <eos>: the token after the last unit [R, longest + 1]
+        longest = max((len(u) for u in units), default=0)
+        self.table = torch.full((len(units), longest + 1), eos_id, dtype=torch.long)
+        for r, u in enumerate(units):
+            self.table[r, : len(u)] = torch.tensor(u, dtype=torch.long)
+        self.lengths = torch.tensor([len(u) for u in units], dtype=torch.long)
+        self.pos = torch.zeros(len(units), dtype=torch.long)     # units emitted so far
+        self.frames = torch.zeros(len(units), dtype=torch.long)  # codec tokens since the last unit
         self.started = False
+        self.device = None
+
+    def _to(self, device) -> None:
+        if self.device != device:
+            for name in ("unit_ids", "codec_mask", "is_codec", "table", "lengths", "pos", "frames"):
+                setattr(self, name, getattr(self, name).to(device))
+            self.device = device
 
     def __call__(self, input_ids, scores):
-        rows = scores.shape[0]
+        """input_ids [R, t], scores [R, V] -> scores with what the walk forbids at -inf (all rows at once)."""
+        self._to(scores.device)
+        rows = torch.arange(scores.shape[0], device=scores.device)
         if self.started:  # read the token chosen at the previous step
-            last = input_ids[:, -1].tolist()
-            for r in range(rows):
-                if last[r] < len(self.is_codec) and self.is_codec[last[r]]:
-                    self.frames[r] += 1
-                elif self.pos[r] < len(self.units[r]) and last[r] == self.units[r][self.pos[r]]:
-                    self.pos[r] += 1
-                    self.frames[r] = 0
+            last = input_ids[:, -1].clamp(0, len(self.is_codec) - 1)
+            codec = self.is_codec[last]
+            unit = ~codec & (self.pos < self.lengths) & (last == self.table[rows, self.pos])
+            self.frames = torch.where(codec, self.frames + 1, torch.where(unit, 0, self.frames))
+            self.pos = self.pos + unit.long()
         self.started = True
-        mask = torch.full_like(scores, float("-inf"))
+        nxt = self.table[rows, self.pos]  # the next unit, or <eos> after the last
+        # codec tokens while a unit is under way and under its cap; the next unit once it has a frame
+        mask = torch.where(((self.pos > 0) & (self.frames < self.max_frames))[:, None],
+                           self.codec_mask[: scores.shape[-1]][None, :], float("-inf")).expand_as(scores).clone()
         # The policy says "this unit is over" by putting mass on *a* unit token; which one comes next is
         # the text's business. So the next unit gets the mass of every unit token (and <eos>): a small
         # model that is unsure which phone follows must not be pushed into another frame by that doubt.
-        advance = torch.logsumexp(scores[:, self.unit_ids.to(scores.device)], dim=-1)
+        advance = torch.logsumexp(scores[:, self.unit_ids], dim=-1)
+        may = ((self.pos == 0) | (self.frames > 0)).nonzero().squeeze(-1)
         out = scores.clone()
-        for r in range(rows):
-            nxt = self.units[r][self.pos[r]] if self.pos[r] < len(self.units[r]) else self.eos_id
-            if self.pos[r] > 0 and self.frames[r] < self.max_frames:
-                mask[r] = self.codec_mask[: scores.shape[-1]].to(scores.device)
-            if self.pos[r] == 0 or self.frames[r] > 0:
-                mask[r, nxt] = 0.0
-                out[r, nxt] = advance[r]
+        mask[may, nxt[may]] = 0.0
+        out[may, nxt[may]] = advance[may]
         return out + mask
 
 

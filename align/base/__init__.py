@@ -32,8 +32,9 @@ def pretrained_base(ctx: "Context", out_dir: Path) -> dict:
     src = Path(ctx.cfg.policy.pretrained)
     if not (src / "speechalign.json").is_file():
         raise ValueError(f"policy.pretrained={src} is not a policy directory (speechalign.json missing)")
-    with atomic_dir(out_dir) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    if ctx.ranks.is_main:  # one copy; the other ranks wait at the stage's barrier
+        with atomic_dir(out_dir) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
     return {"copied_from": str(src)}
 
 

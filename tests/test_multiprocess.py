@@ -1,0 +1,129 @@
+"""configs/ci.yaml on two CPU processes (gloo) against one: the same samples, pairs and evaluations, and a
+run whose rank dies goes down and resumes.
+
+Both runs are subprocesses of the CLI with one torch thread per process (``threads=1``), so the only
+difference between them is the process count. Measured tolerance (this file's thresholds have room
+to spare): sampled codes, pairs, evaluation codes, transcripts and WER identical; weights within
+1e-4 (the all-reduced gradients sum in another order: 2e-6 after the base stage, 8e-5 after two DPO
+rounds); SIM within 1e-6 (the speaker encoder sees other batches); DPO loss within 1e-4 relative.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+CI = REPO / "configs" / "ci.yaml"
+
+
+def _cmd(root: Path, name: str, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "align.cli", "run", str(CI), "--nproc", str(nproc), "--set", "threads=1",
+            "--set", f"out_dir={root}", "--set", f"cache_dir={root / '_cache'}",
+            "--set", f"data.corpus_dir={root / '_corpus'}", "--set", f"name={name}"]
+
+
+def _run(root: Path, name: str, nproc: int) -> Path:
+    out = subprocess.run(_cmd(root, name, nproc), cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / name
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    one = _run(root, "one", 1)  # first: builds the corpus and the codec cache the others read
+    two = _run(root, "two", 2)
+    return root, one, two
+
+
+def test_two_processes_give_the_one_process_run(runs):
+    _, one, two = runs
+    assert json.loads((two / "round_001" / "samples" / "stats.json").read_text())["processes"] == 2
+    for k in (1, 2):
+        a, b = _rows(one / f"round_{k:03d}/samples/samples.jsonl"), _rows(two / f"round_{k:03d}/samples/samples.jsonl")
+        assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 16
+        assert [r["codes"] for r in a] == [r["codes"] for r in b], f"round {k}: samples differ"
+        a, b = _rows(one / f"round_{k:03d}/pairs/pairs.jsonl"), _rows(two / f"round_{k:03d}/pairs/pairs.jsonl")
+        assert [(p["prompt"], p["chosen"], p["rejected"]) for p in a] == \
+               [(p["prompt"], p["chosen"], p["rejected"]) for p in b], f"round {k}: pairs differ"
+    for k in (0, 1, 2):
+        a, b = _rows(one / f"round_{k:03d}/eval/rows.jsonl"), _rows(two / f"round_{k:03d}/eval/rows.jsonl")
+        assert [r["id"] for r in a] == [r["id"] for r in b]
+        assert [r["codes"] for r in a] == [r["codes"] for r in b], f"round {k}: evaluated codes differ"
+        assert [r["hypothesis"] for r in a] == [r["hypothesis"] for r in b]
+        assert max(abs(x["sim"] - y["sim"]) for x, y in zip(a, b)) < 1e-6
+        wa = load_file(str(one / f"round_{k:03d}/policy/model.safetensors"))
+        wb = load_file(str(two / f"round_{k:03d}/policy/model.safetensors"))
+        assert max(float((wa[n] - wb[n]).abs().max()) for n in wa) < 1e-4, f"round {k}: weights differ"
+    ma, mb = _rows(one / "metrics.jsonl"), _rows(two / "metrics.jsonl")
+    assert [m["round"] for m in ma] == [m["round"] for m in mb] == [0, 1, 2]
+    for x, y in zip(ma, mb):
+        assert x["wer"] == y["wer"] and abs(x["sim"] - y["sim"]) < 1e-6
+        if x["round"]:
+            assert abs(x["dpo_loss"] - y["dpo_loss"]) <= 1e-4 * abs(x["dpo_loss"])
+    # rank 0 alone wrote the run's files: one log, no stray temp folders
+    assert not list(two.rglob("*.tmp[0-9]*"))
+    assert (two / "log.txt").read_text().count("round 2: evaluate") == 1
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "align.cli" in " ".join(child.cmdline()):
+                return child.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def test_a_killed_rank_takes_the_run_down_and_the_same_command_resumes(runs):
+    root, _, two = runs
+    name = "killed"
+    cmd = _cmd(root, name, 2)
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = root / name / "state.json"
+    deadline = time.time() + 900
+    try:  # wait until round 1 is under way (its samples are written), then kill rank 1 mid-round
+        while time.time() < deadline and launcher.poll() is None:
+            if state.is_file() and "sample" in json.loads(state.read_text())["done"].get("1", {}):
+                break
+            time.sleep(0.2)
+        assert launcher.poll() is None, "the run finished before it could be killed"
+        pid = _rank_pid(launcher, 1)
+        assert pid is not None, "rank 1 not found among the launcher's children"
+        os.kill(pid, signal.SIGKILL)
+        rc = launcher.wait(timeout=300)  # the launcher stops rank 0 too: nobody waits forever at a barrier
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert rc != 0
+    done = json.loads(state.read_text())["done"]
+    assert "evaluate" not in done.get("2", {}), "the run was not cut off"
+
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ma, mb = _rows(two / "metrics.jsonl"), _rows(root / name / "metrics.jsonl")
+    assert [m["round"] for m in mb] == [0, 1, 2]
+    for x, y in zip(ma, mb):
+        assert x["wer"] == y["wer"] and abs(x["sim"] - y["sim"]) < 1e-6
+    for k in (1, 2):
+        a = _rows(two / f"round_{k:03d}/pairs/pairs.jsonl")
+        b = _rows(root / name / f"round_{k:03d}/pairs/pairs.jsonl")
+        assert [(p["chosen"], p["rejected"]) for p in a] == [(p["chosen"], p["rejected"]) for p in b]
+    wa = load_file(str(two / "round_002/policy/model.safetensors"))
+    wb = load_file(str(root / name / "round_002/policy/model.safetensors"))
+    assert max(float((wa[n] - wb[n]).abs().max()) for n in wa) < 1e-4

@@ -21,6 +21,8 @@ import logging
 import math
 import re
 import shutil
+import statistics
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -120,6 +122,28 @@ def nan_guard():
     return NaNGuard()
 
 
+def step_timer():
+    """A trainer callback that times every optimiser step (``median()`` seconds; None before the first)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+            self._t0 = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._t0 is not None:
+                self.seconds.append(time.perf_counter() - self._t0)
+
+        def median(self) -> float | None:
+            return round(statistics.median(self.seconds), 5) if self.seconds else None
+
+    return StepTimer()
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """Trainer checkpoints written to the end, oldest first (transformers writes trainer_state.json last);
     a folder cut off by a kill mid-save cannot be resumed from, so it is removed."""
@@ -178,13 +202,17 @@ def dpo(ctx: "Context", k: int) -> dict:
 
         peft_config = LoraConfig(r=dcfg.lora_r, lora_alpha=dcfg.lora_alpha, lora_dropout=dcfg.lora_dropout,
                                  target_modules=list(dcfg.lora_targets), task_type="CAUSAL_LM")
+    timer = step_timer()
     trainer = DPOTrainer(model=policy.lm, ref_model=None if dcfg.lora else ref, args=args, train_dataset=dataset,
-                         processing_class=policy.tokenizer, peft_config=peft_config, callbacks=[nan_guard()])
+                         processing_class=policy.tokenizer, peft_config=peft_config,
+                         callbacks=[nan_guard(), timer])
     checkpoints = complete_checkpoints(work / "trainer")
     resume = str(checkpoints[-1]) if checkpoints else None
     if resume:
         log.info("round %d dpo: resuming from %s", k, resume)
+    t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.time() - t0
     history = [h for h in trainer.state.log_history if "loss" in h]
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         policy.lm = _gathered_lm(trainer, prev, dcfg.lora)
@@ -196,7 +224,11 @@ def dpo(ctx: "Context", k: int) -> dict:
     stats = {"method": "dpo", "steps": result.global_step, "loss": tail_mean(history, "loss"),
              "reward_accuracy": tail_mean(history, "rewards/accuracies"),
              "reward_margin": tail_mean(history, "rewards/margins"), "logps_chosen": tail_mean(history, "logps/chosen"),
-             "logps_rejected": tail_mean(history, "logps/rejected"), "pairs": len(pairs)}
+             "logps_rejected": tail_mean(history, "logps/rejected"), "pairs": len(pairs),
+             # the median optimiser step (the reference's forward pass included unless precomputed) and the
+             # whole train() call (with dpo.precompute_ref, the pass that scores every pair first)
+             "step_seconds": timer.median(), "train_seconds": round(train_seconds, 3),
+             "precompute_ref": dcfg.precompute_ref}
     _finish(ctx, k, policy, stats, history, work / "trainer")
     log.info("round %d dpo: loss %.4f reward acc %.3f margin %.3f", k, stats["loss"] or float("nan"),
              stats["reward_accuracy"] or float("nan"), stats["reward_margin"] or float("nan"))

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from align.config import load_config
+from align.dist import Ranks
 from models.data import Utterance
 from models.codec import CodecConfig, MelRVQCodec
 from models.codec_lm import Policy
@@ -58,6 +59,7 @@ class FakeContext:
                                       "base.log_every=1"] + (overrides or []))
         self.run = FakeRun(Path(root))
         self.device = "cpu"
+        self.ranks = Ranks()  # one process, as a test runs
         self.policy = tiny_policy()
         self.codec = self.policy.codec
         texts = ["a cat", "the dog", "big red", "one two", "go now", "hi you", "we sat", "no way"]

@@ -15,11 +15,20 @@ def no_weights(monkeypatch):
     import safetensors.torch
     import transformers
 
+    import models.codec
+    import models.flow
+    import models.nar
+    import models.renderer
+
     def boom(*a, **k):
         raise AssertionError("a dry run loaded weights")
 
     monkeypatch.setattr(torch, "load", boom)
     monkeypatch.setattr(safetensors.torch, "load_file", boom)
+    # the model modules bind load_file at import: patched there too (and, imported here first, none of them
+    # keeps the patched function after the test)
+    for module in (models.codec, models.flow, models.nar, models.renderer):
+        monkeypatch.setattr(module, "load_file", boom)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(boom))
 
 
@@ -42,9 +51,11 @@ def test_paper_config_memory_lora_and_gpus():
     cfg = load_config(REPO_CONFIGS / "speechalign-librispeech.yaml")
     one = build_plan(cfg, gpus=1, gpu_gb=80)
     assert any("stage dpo" in what for what, _ in one.problems)  # full 7B DPO does not fit one GPU
-    lora = build_plan(load_config(REPO_CONFIGS / "speechalign-librispeech.yaml", ["dpo.lora=true"]), gpus=1,
-                      gpu_gb=80)
+    # dpo.batch_size is over all GPUs: on one GPU the paper's 128 pairs per step are 2 x 64 accumulated
+    one_gpu = ["dpo.lora=true", "dpo.batch_size=2", "dpo.grad_accum=64"]
+    lora = build_plan(load_config(REPO_CONFIGS / "speechalign-librispeech.yaml", one_gpu), gpus=1, gpu_gb=80)
     assert not any("stage dpo" in what for what, _ in lora.problems)
+    assert any("effective batch 128" in line for line in lora.lines)
     assert any("LoRA r=64" in line for line in lora.lines)
 
 
@@ -127,3 +138,25 @@ def test_a_random_weight_codec_is_a_problem_unless_allowed(no_weights, tmp_path)
                                                                    "codec.allow_random_weights=true"]))
     assert not any("RANDOM" in what for what, _ in allowed.problems)
     assert any("RANDOM weights" in w for w in allowed.warnings)
+
+
+def test_dry_run_names_the_launch_file_for_the_gpus():
+    import yaml
+
+    from align.dryrun import LAUNCH_FILES
+
+    paper = REPO_CONFIGS / "speechalign-librispeech.yaml"
+    full = build_plan(load_config(paper), gpus=8, gpu_gb=80)
+    launch = [line for line in full.lines if line.startswith("Launch:")]
+    assert len(launch) == 1 and "configs/accelerate/fsdp.yaml" in launch[0] and "--num_processes 8" in launch[0]
+    lora = build_plan(load_config(paper, ["dpo.lora=true"]), gpus=8, gpu_gb=80)
+    assert any(line.startswith("Launch: DDP") and "ddp.yaml" in line for line in lora.lines)
+    one = build_plan(load_config(paper, ["dpo.lora=true"]), gpus=1, gpu_gb=80)
+    assert any(line.startswith("Launch: one process") for line in one.lines)
+    # the DPO batch is over all GPUs: 16 pairs do not split over 3
+    odd = build_plan(load_config(paper, ["dpo.lora=true"]), gpus=3, gpu_gb=80)
+    assert any("does not split over 3 GPUs" in what for what, _ in odd.problems)
+    kinds = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero3": "DEEPSPEED"}
+    for name, path in LAUNCH_FILES.items():
+        conf = yaml.safe_load((REPO_CONFIGS.parent / path).read_text())
+        assert conf["distributed_type"] == kinds[name]

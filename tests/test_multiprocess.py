@@ -127,3 +127,14 @@ def test_a_killed_rank_takes_the_run_down_and_the_same_command_resumes(runs):
     wa = load_file(str(two / "round_002/policy/model.safetensors"))
     wb = load_file(str(root / name / "round_002/policy/model.safetensors"))
     assert max(float((wa[n] - wb[n]).abs().max()) for n in wa) < 1e-4
+
+
+def test_batches_are_cut_before_they_are_dealt():
+    from align.dist import Ranks
+
+    one = Ranks().batches(10, 3)
+    assert one == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    dealt = [Ranks(rank=r, world=3).batches(10, 3) for r in range(3)]
+    assert dealt == [[(0, 3), (9, 10)], [(3, 6)], [(6, 9)]]
+    assert sorted(b for part in dealt for b in part) == one  # every batch once, the same cuts as one process
+    assert Ranks(rank=1, world=2, local_rank=1).device("cuda") == "cuda:1" and Ranks().device("cuda") == "cuda"

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,12 +39,6 @@ def round_subset(items: list, n: int, seed: int) -> list:
         return list(items)
     rng = random.Random(seed)
     return sorted(rng.sample(items, n), key=lambda u: u.id)
-
-
-@contextlib.contextmanager
-def _nowhere() -> Iterator[None]:
-    """What a rank other than 0 writes a stage's folder into: nothing (rank 0 writes it)."""
-    yield None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +190,8 @@ def evaluate(ctx: "Context", k: int) -> dict:
     ranks = ctx.ranks
     # a folder keeps its whole name (VCTK-Corpus-0.92), a manifest loses its suffix
     sets = [("", None)] + [(Path(p).name if Path(p).is_dir() else Path(p).stem, p) for p in ecfg.extra_sets]
-    with atomic_dir(ctx.run.eval_dir(k)) if ranks.is_main else _nowhere() as tmp:
+    # the other ranks write nothing: tmp is None there
+    with atomic_dir(ctx.run.eval_dir(k)) if ranks.is_main else contextlib.nullcontext() as tmp:
         for name, src in sets:
             out = None if tmp is None else (tmp / name if name else tmp)
             if out is not None:

@@ -309,7 +309,8 @@ class GRPOStageConfig:
     steps: int = field(default=8, metadata={"help": "optimiser steps"})
     learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     num_generations: int = field(default=4, metadata={"help": "completions per prompt (the group)"})
-    prompts_per_step: int = field(default=2, metadata={"help": "prompts per optimiser step"})
+    prompts_per_step: int = field(default=2, metadata={
+        "help": "prompts per optimiser step, over all processes (each takes its share)"})
     beta: float = field(default=0.04, metadata={
         "help": "KL to round k-1's policy; 0 = no reference model (faster, free to drift)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the completions"})

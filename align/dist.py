@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 
+from models.data import batch_slices
+
 log = logging.getLogger("speechalign.dist")
 
 # A barrier waits while rank 0 alone pairs a round or writes a policy; at paper scale that can take far
@@ -69,8 +71,7 @@ class Ranks:
 
     def batches(self, n: int, batch_size: int) -> list[tuple[int, int]]:
         """This rank's (start, stop) slices of ``n`` items cut into batches of ``batch_size``."""
-        starts = range(0, n, max(1, batch_size))
-        return [(s, min(s + batch_size, n)) for b, s in enumerate(starts) if b % self.world == self.rank]
+        return batch_slices(n, batch_size, self.rank, self.world)
 
     def accelerator(self, device: str):
         """An ``accelerate.Accelerator`` for ``fit``'s data-parallel steps when there are several processes;

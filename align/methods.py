@@ -423,10 +423,12 @@ def grpo(ctx: "Context", k: int) -> dict:
     max_frames = gcfg.max_completion_frames or int(cfg.policy.max_seconds * ctx.codec.frame_rate)
     args = GRPOConfig(
         output_dir=str(work / "trainer"), learning_rate=gcfg.learning_rate, max_steps=gcfg.steps,
-        per_device_train_batch_size=gcfg.num_generations * gcfg.prompts_per_step,
+        # prompts_per_step is the step's batch over all processes, as dpo.batch_size is: N processes take
+        # the same steps as one (TRL groups the completions of a prompt across the processes)
+        per_device_train_batch_size=per_process_batch(gcfg.num_generations * gcfg.prompts_per_step,
+                                                      ctx.ranks.world, "train.grpo.num_generations x prompts_per_step"),
         num_generations=gcfg.num_generations, max_completion_length=max_frames,  # <eos> counts, as in Policy.generate
-         temperature=gcfg.temperature,
-        top_k=gcfg.top_k, beta=gcfg.beta, loss_type=gcfg.loss_type,
+        temperature=gcfg.temperature, top_k=gcfg.top_k, beta=gcfg.beta, loss_type=gcfg.loss_type,
         # only codec tokens and <eos> may be sampled, as in Policy.generate
         generation_kwargs={"suppress_tokens": [i for i in range(len(tok)) if i not in allowed]},
         logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed + k, data_seed=cfg.seed + k,
@@ -438,7 +440,8 @@ def grpo(ctx: "Context", k: int) -> dict:
     history = [h for h in trainer.state.log_history if "loss" in h]
     policy.lm = trainer.model.cpu().eval()
     summary = _summary("grpo", loss=tail_mean(history, "loss"), pairs=extra.get("rm_pairs"),
-                       grpo_reward=tail_mean(history, "reward"), grpo_reward_std=tail_mean(history, "reward_std"), prompts=len(data), steps=gcfg.steps, **extra)
+                       grpo_reward=tail_mean(history, "reward"), grpo_reward_std=tail_mean(history, "reward_std"),
+                       prompts=len(data), steps=gcfg.steps, **extra)
     _finish(ctx, k, policy, summary, history, work / "trainer")
     log.info("round %d grpo: loss %s reward %s", k, summary["loss"], summary["grpo_reward"])
     return summary

@@ -58,22 +58,23 @@ def sample(ctx: "Context", k: int) -> dict:
     subset = round_subset(train, scfg.prompts_per_round, cfg.seed * 1000 + k)
     prompts = [ctx.prompt_for(u, train, salt=k) for u in subset]
     policy = Policy.load(ctx.run.policy_dir(k - 1), device=ctx.device)
-    texts, prompt_codes = [u.text for u in subset], [ctx.codes(p) for p in prompts]
+    texts = [u.text for u in subset]
     seed = cfg.seed * 1000 + k
     t0 = time.time()
     mine = []  # (start, samples of the batch's utterances) for this rank's batches
     for start, stop in tqdm(ctx.ranks.batches(len(subset), scfg.batch_size), desc="sampling", leave=False):
+        batch_prompts = [ctx.codes(p) for p in prompts[start:stop]]  # this rank's batches' prompts only
         kw = dict(top_k=scfg.top_k, batch_size=stop - start)
         if scfg.varied:  # one generate() per sample index, each with its own (temperature, top_p)
             outs = [[] for _ in range(start, stop)]
             for j in range(scfg.n):
                 temperature, top_p = scfg.settings(j)
-                one = policy.generate(texts[start:stop], prompt_codes[start:stop], n=1, temperature=temperature,
+                one = policy.generate(texts[start:stop], batch_prompts, n=1, temperature=temperature,
                                       top_p=top_p, seed=seed + 7919 * j + start, **kw)
                 for o, s in zip(outs, one):
                     o.extend(s)
         else:
-            outs = policy.generate(texts[start:stop], prompt_codes[start:stop], n=scfg.n, temperature=scfg.temperature,
+            outs = policy.generate(texts[start:stop], batch_prompts, n=scfg.n, temperature=scfg.temperature,
                                    top_p=scfg.top_p, seed=seed + start, **kw)
         mine.append((start, [[c.tolist() for c in o] for o in outs]))
     seconds = ctx.ranks.gather([time.time() - t0])

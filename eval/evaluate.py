@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from models.audio import load_audio, save_audio
+from models.data import batch_slices
 
 if TYPE_CHECKING:
     from eval.scorers import EvalConfig, Scorers
@@ -68,7 +69,7 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
 
     codec = policy.codec
     if batches is None:
-        batches = [(s, min(s + batch_size, len(items))) for s in range(0, len(items), batch_size)]
+        batches = batch_slices(len(items), batch_size)
     t0 = time.time()
     index: list[int] = []
     samples, prompts = [], []

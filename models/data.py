@@ -435,6 +435,14 @@ def load_any(path: str | os.PathLike) -> tuple[list[Utterance], list[Skip]]:
 # Prompts and splits
 
 
+def batch_slices(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
+    """The (start, stop) slices of ``n`` items cut into batches of ``batch_size``, batch b dealt to rank
+    b mod ``world``; this ``rank``'s share. Fixed cuts (not a split of the share) keep every batch, and so
+    its seed, the same whatever the number of processes."""
+    starts = range(0, n, max(1, batch_size))
+    return [(s, min(s + batch_size, n)) for b, s in enumerate(starts) if b % world == rank]
+
+
 def _stable_hash(*parts) -> int:
     # hashlib, not hash(): Python salts str hashes per process, and choices must survive restarts.
     h = hashlib.blake2b("\x1f".join(map(str, parts)).encode("utf-8"), digest_size=8)

@@ -11,7 +11,7 @@
    ``dpo.precompute_ref=true``, full weights and LoRA: median optimiser step and the whole train() call
    (which, precomputed, includes the pass that scores every pair first).
 3. The sampler: that run's round-0 policy speaking 32 and 96 training texts in batches of 32 vs one at a
-   time (the batch size the main job samples with).
+   time (the batch size the main job samples with); the median of 3 timed calls after one untimed warm-up.
 
 Writes ``benchmarks/results/scaling.{md,json}``. Every figure is measured by this script on this machine;
 nothing is read from elsewhere. No GPU part: this project's machines have none (see the file's header).
@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,8 +100,9 @@ def dpo_reference(run: Path, scratch: Path) -> list[dict]:
     return rows
 
 
-def sampler(run: Path, batch_size: int) -> list[dict]:
-    """Tokens per second of the round-0 policy on the first N training texts, batched vs one at a time."""
+def sampler(run: Path, batch_size: int, repeats: int = 3) -> list[dict]:
+    """Tokens per second of the round-0 policy on the first N training texts, batched vs one at a time
+    (after one untimed warm-up call; the median of ``repeats`` timed calls)."""
     from align.config import load_config
     from align.run import Context
     from models.codec_lm import Policy
@@ -110,17 +112,23 @@ def sampler(run: Path, batch_size: int) -> list[dict]:
     policy = Policy.load(run / "round_000" / "policy")
     train = ctx.splits.train
     rows = []
+    # one untimed call first: the first generate() pays for lazy initialisation, which is neither mode's cost
+    policy.generate([train[0].text], [ctx.codes(ctx.prompt_for(train[0], train, salt=1))], n=1, seed=0)
     for n in (32, 96):
         texts = [u.text for u in train[:n]]
         prompts = [ctx.codes(ctx.prompt_for(u, train, salt=1)) for u in train[:n]]
         per = {}
         for bs in (batch_size, 1):
-            t0 = time.perf_counter()
-            out = policy.generate(texts, prompts, n=1, temperature=1.0, top_k=50, batch_size=bs, seed=0)
-            dt = time.perf_counter() - t0
+            times = []
+            for _ in range(repeats):  # the same seed each time: the same tokens, so the median is a fair clock
+                t0 = time.perf_counter()
+                out = policy.generate(texts, prompts, n=1, temperature=1.0, top_k=50, batch_size=bs, seed=0)
+                times.append(time.perf_counter() - t0)
+            dt = statistics.median(times)
             tokens = sum(len(s[0]) for s in out)
             per[bs] = tokens / dt
-            rows.append({"prompts": n, "batch_size": bs, "seconds": round(dt, 2), "tokens": tokens,
+            rows.append({"prompts": n, "batch_size": bs, "seconds": round(dt, 2), "repeats": repeats,
+                         "seconds_each": [round(t, 2) for t in times], "tokens": tokens,
                          "tokens_per_second": round(tokens / dt, 1)})
             log.info("sampler %d prompts, batch %d: %.0f tokens/s", n, bs, tokens / dt)
         rows.append({"prompts": n, "speedup": round(per[batch_size] / per[1], 2)})
@@ -179,6 +187,7 @@ def main() -> None:
         md.append("")
     if "sampler" in result:
         md += ["## Sampler: batched vs one at a time (round-0 policy)", "",
+               "Median of 3 timed calls after one untimed warm-up call (each call's seconds in scaling.json).", "",
                "| prompts | batch | seconds | tokens | tokens/s |", "|---|---|---|---|---|"]
         for r in result["sampler"]:
             if "speedup" in r:

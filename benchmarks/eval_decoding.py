@@ -33,30 +33,30 @@ log = logging.getLogger("speechalign.bench")
 
 def score_setting(ctx, policy, items, temperature: float, top_k: int) -> dict:
     """One decoding setting over ``items`` through the loop's own evaluation (``evaluate_policy`` with the
-    run's judges and seed): corpus WER, mean SIM, per-utterance error counts, SIMs and frames."""
+    run's judges and seed): corpus WER, mean SIM, and per utterance the error counts, reference words
+    (``eval.table.rows_frame``), SIMs and frames."""
     from eval.evaluate import evaluate_policy
-    from models.text import normalize_text
+    from eval.table import rows_frame
 
-    e = ctx.cfg.eval
     summary, rows = evaluate_policy(policy, items, scorers=ctx.scorers, temperature=temperature, top_k=top_k,
-                                    top_p=1.0, seed=ctx.cfg.seed + 7, batch_size=e.batch_size,
+                                    top_p=1.0, seed=ctx.cfg.seed + 7, batch_size=ctx.cfg.eval.batch_size,
                                     max_seconds=ctx.cfg.data.max_seconds)
-    words = np.array([len(normalize_text(r["text"]).split()) for r in rows], dtype=float)
-    errors = np.round([r["wer"] * w for r, w in zip(rows, words)])
-    sims = [r["sim"] for r in rows]
-    return {"wer": round(float(errors.sum() / words.sum()), 4), "sim": round(float(np.mean(sims)), 4),
-            "summary_wer": summary["wer"], "errors": errors.tolist(), "ref_words": words.tolist(), "sims": sims,
-            "mean_frames": round(float(np.mean([r["n_frames"] for r in rows])), 1)}
+    df = rows_frame(rows)
+    return {"wer": round(summary["wer"], 4), "sim": round(summary["sim"], 4), "errors": df["errors"].tolist(),
+            "ref_words": df["ref_words"].tolist(), "sims": df["sim"].tolist(),
+            "mean_frames": round(float(df["n_frames"].mean()), 1)}
 
 
 def compare(base: dict, other: dict) -> dict:
-    """Paired test of ``other`` vs ``base`` on the same utterances (WER on error counts, SIM on values)."""
-    from eval.stats import paired_test
+    """Paired tests of ``other`` vs ``base`` on the same utterances, each metric as ``eval.stats`` tests a
+    round (WER on error counts, SIM on values)."""
+    import pandas as pd
 
-    w = paired_test(np.array(base["errors"]), np.array(base["ref_words"]),
-                    np.array(other["errors"]), np.array(other["ref_words"]))
-    ones = np.ones(len(base["sims"]))
-    s = paired_test(np.array(base["sims"]), ones, np.array(other["sims"]), ones)
+    from eval.stats import metric_arrays, paired_test
+
+    a, b = (pd.DataFrame({"errors": r["errors"], "ref_words": r["ref_words"], "sim": r["sims"]}) for r in (base, other))
+    w = paired_test(*metric_arrays(a, "wer"), *metric_arrays(b, "wer"))
+    s = paired_test(*metric_arrays(a, "sim"), *metric_arrays(b, "sim"))
     return {"wer_delta": round(w.delta, 4), "wer_lo": round(w.lo, 4), "wer_hi": round(w.hi, 4), "wer_p": w.p,
             "sim_delta": round(s.delta, 4), "sim_p": s.p, "n": w.n, "test": w.test}
 
@@ -90,7 +90,7 @@ def main() -> None:
     t0 = time.time()
 
     def run_split(split: str, names: list[str]) -> dict:
-        items = eval_items(ctx, getattr(ctx.splits, split))  # every utterance (eval.max_utterances=0 below)
+        items = eval_items(ctx, getattr(ctx.splits, split))  # every utterance: eval.max_utterances=0
         out = {}
         for name in names:
             t, k = name.split(":")

@@ -511,6 +511,9 @@ class BaseConfig:
         "help": "NAR (or phone renderer, policy.renderer) optimiser steps (0 = no NAR; needs codec.n_q == 1)"})
     nar_batch_size: int = field(default=16, metadata={"help": "NAR utterances per step"})
     nar_lr: float = field(default=1e-3, metadata={"help": "NAR peak learning rate"})
+    renderer_code_noise: float = field(default=0.0, metadata={
+        "help": "phone renderer training: probability that an RVQ-1 code is replaced by a random one, so the "
+                "renderer leans on the phones where the AR's codes go wrong (0 = golden codes only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     log_every: int = field(default=100, metadata={"help": "log the running loss every N steps"})
     speechgpt: SpeechGPTConfig = field(default_factory=SpeechGPTConfig, metadata={
@@ -525,6 +528,8 @@ class BaseConfig:
             raise ValueError(f"base.nar_steps={self.nar_steps} must be >= 0")
         if not (self.lr > 0 and self.nar_lr > 0):
             raise ValueError("base.lr and base.nar_lr must be > 0")
+        if not 0.0 <= self.renderer_code_noise < 1.0:
+            raise ValueError(f"base.renderer_code_noise={self.renderer_code_noise} must be in [0, 1)")
 
 
 @dataclass

@@ -11,6 +11,7 @@ imports a stage.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from typing import TYPE_CHECKING, Callable
@@ -225,11 +226,13 @@ def train_renderer(ctx: "Context", examples: list, rng: random.Random, *, size: 
                    name: str = "base renderer", accelerator=None) -> tuple[torch.nn.Module, float]:
     """The phone renderer (models/renderer.py): golden RVQ-1 + frame units + prompt latent -> golden latent.
 
-    examples: ``golden_examples`` rows; streams: their ``golden_streams`` (built here when None).
+    examples: ``golden_examples`` rows; streams: their ``golden_streams`` (built here when None). With
+    ``base.renderer_code_noise`` > 0 each step's codes are corrupted (``corrupt_codes``), drawn from
+    (seed, step, item) so that every process of a multi-process run corrupts an item as one process would.
     Returns (renderer on the run's device, smoothed final L1 loss).
     """
     from models.layout import split_stream
-    from models.renderer import PhoneRenderer, RendererConfig, renderer_batch
+    from models.renderer import PhoneRenderer, RendererConfig, corrupt_codes, renderer_batch
 
     cfg, bcfg, codec = ctx.cfg, ctx.cfg.base, ctx.codec
     n_prompt = prompt_frames(cfg.policy.prompt_seconds, codec.frame_rate)
@@ -243,11 +246,20 @@ def train_renderer(ctx: "Context", examples: list, rng: random.Random, *, size: 
     rcfg.max_frames = max(rcfg.max_frames, n_prompt + max(len(r[1]) for r in rows) + 8)
     model = PhoneRenderer(rcfg).to(ctx.device)
 
+    noise, steps_done = bcfg.renderer_code_noise, itertools.count()
+
+    def with_noise(i: int, step: int) -> tuple:
+        prompt, codes, unit_ids, unit_pos, latent = rows[i]
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + i)
+        return prompt, corrupt_codes(codes, noise, codec.codebook_size, g), unit_ids, unit_pos, latent
+
     def step_loss(batch: list[int]) -> torch.Tensor:
-        b = renderer_batch([rows[i] for i in batch])
+        step = next(steps_done)  # fit calls this once per step
+        b = renderer_batch([with_noise(i, step) if noise > 0 else rows[i] for i in batch])
         return model.loss({k: v.to(ctx.device) for k, v in b.items()})
 
-    log.info("%s: %d examples, %.2fM params", name, len(rows), sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info("%s: %d examples, %.2fM params, code noise %g", name, len(rows),
+             sum(p.numel() for p in model.parameters()) / 1e6, noise)
     loss, _ = fit(name, model, step_loss, n_items=len(rows), batch_size=batch_size, steps=steps, lr=lr,
                   warmup=min(bcfg.warmup_steps, steps // 10), betas=(0.9, 0.98), bcfg=bcfg, rng=rng,
                   accelerator=accelerator, weight_fn=lambda batch: sum(len(rows[i][1]) for i in batch))

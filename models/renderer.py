@@ -12,6 +12,10 @@ Inputs per target frame: the RVQ-1 code, the unit, the units before and after it
 frame sits in its unit (fraction, frames in, unit length); the voice prompt enters as its latent
 frames ahead of the target, with a segment embedding. A bidirectional transformer encoder, an L1
 loss on real frames.
+
+It is trained on golden RVQ-1 but renders the AR's samples, whose codes are wrong where golden ones
+are right; ``corrupt_codes`` replaces a fraction of the training codes by random ones, so that it
+learns to take the content from the units where the codes disagree with them.
 """
 from __future__ import annotations
 
@@ -73,6 +77,15 @@ def unit_context(unit_ids: torch.Tensor, unit_pos: torch.Tensor) -> tuple[torch.
     n = length[unit_pos].float()
     feats = torch.stack([(into.float() + 0.5) / n, into.float() / 20, n / 20], dim=1)
     return prev, nxt, feats
+
+
+def corrupt_codes(codes: torch.Tensor, rate: float, codebook_size: int, generator: torch.Generator) -> torch.Tensor:
+    """codes: LongTensor [T] -> [T], each code replaced with probability ``rate`` by a uniform draw from the
+    codebook (which may be the same code). ``generator`` makes the draw reproducible."""
+    if rate <= 0:
+        return codes
+    hit = torch.rand(codes.shape, generator=generator) < rate
+    return torch.where(hit, torch.randint(0, codebook_size, codes.shape, generator=generator), codes)
 
 
 class PhoneRenderer(nn.Module):

@@ -38,6 +38,7 @@ def test_unknown_key_names_the_key(tmp_path):
     ("sample.top_p=0", "top_p"),
     ("data.source=manifests", "data.train"),
     ("corpus.voices=[nobody]", "nobody"),
+    ("base.renderer_code_noise=1.0", "renderer_code_noise"),
 ])
 def test_bad_values_fail_clearly(override, match):
     with pytest.raises(ValueError, match=match):

@@ -118,6 +118,21 @@ def test_phone_renderer_learns_and_round_trips(tmp_path):
     assert model.generate(p, c, u, pos).shape == (len(c), 8)
 
 
+def test_corrupt_codes_replaces_about_the_rate_reproducibly():
+    """A rate of 0.3 changes ~0.3 x 255/256 of the codes, all inside the codebook; the same seed gives the
+    same draw, another seed another; rate 0 returns the codes untouched."""
+    from models.renderer import corrupt_codes
+
+    codes = torch.randint(0, K, (20000,), generator=torch.Generator().manual_seed(0))
+    out = corrupt_codes(codes, 0.3, K, torch.Generator().manual_seed(1))
+    changed = (out != codes).float().mean().item()
+    assert abs(changed - 0.3 * (K - 1) / K) < 0.015
+    assert out.min() >= 0 and out.max() < K and out.dtype == codes.dtype
+    assert torch.equal(out, corrupt_codes(codes, 0.3, K, torch.Generator().manual_seed(1)))
+    assert not torch.equal(out, corrupt_codes(codes, 0.3, K, torch.Generator().manual_seed(2)))
+    assert corrupt_codes(codes, 0.0, K, torch.Generator().manual_seed(1)) is codes
+
+
 def test_pocketsphinx_aligns_a_real_recording_and_the_cli_writes_alignments(real_speech_dir, tmp_path):
     """Forced alignment of real speech gives ordered phone segments that frame_units can use; a manifest's
     recordings get their .align.json; text pocketsphinx cannot align is reported, not written."""

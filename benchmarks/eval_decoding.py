@@ -61,6 +61,26 @@ def compare(base: dict, other: dict) -> dict:
             "sim_delta": round(s.delta, 4), "sim_p": s.p, "n": w.n, "test": w.test}
 
 
+def delta_cells(c: dict) -> str:
+    """A ``compare`` result (with ``wer_p_holm``) as table cells: WER delta [95% CI] | p | p Holm | n."""
+    return (f"{c['wer_delta']:+.4f} [{c['wer_lo']:+.4f}, {c['wer_hi']:+.4f}] | {c['wer_p']:.3g} | "
+            f"{c['wer_p_holm']:.3g} | {c['n']}")
+
+
+def test_section(label: str, n_test: int, test: dict, test_cmp: dict | None, versus: str) -> list[str]:
+    """Markdown lines for a report-only test split: WER and SIM per ``test`` row (``score_setting`` results
+    keyed by name), then ``test_cmp`` (``compare`` of the chosen row vs ``versus``) when there is one."""
+    md = [f"Test split ({n_test} utterances), to report only:", "",
+          f"| {label} | WER test | SIM test |", "|---|---|---|"]
+    md += [f"| {name} | {r['wer']} | {r['sim']} |" for name, r in test.items()]
+    if test_cmp:
+        c = test_cmp
+        md += ["", f"Chosen vs {versus} on test: WER {c['wer_delta']:+.4f} [{c['wer_lo']:+.4f}, {c['wer_hi']:+.4f}], "
+                   f"{c['test']} p = {c['wer_p']:.3g} (n = {c['n']}); "
+                   f"SIM {c['sim_delta']:+.4f} (p = {c['sim_p']:.3g})."]
+    return md + [""]
+
+
 def main() -> None:
     from align.config import load_config
     from align.run import Context
@@ -123,20 +143,11 @@ def main() -> None:
           "|---|---|---|---|---|---|---|---|"]
     for name in settings:
         r = dev[name]
-        c = tests.get(name)
-        cmp = (f"{c['wer_delta']:+.4f} [{c['wer_lo']:+.4f}, {c['wer_hi']:+.4f}] | {c['wer_p']:.3g} | "
-               f"{c['wer_p_holm']:.3g} | {c['n']}") if c else "(configured) | | |"
+        cmp = delta_cells(tests[name]) if name in tests else "(configured) | | |"
         md.append(f"| {name} | {r['wer']} | {r['sim']} | {r['mean_frames']} | {cmp} |")
     md += ["", f"Lowest dev WER: **{chosen}**.", ""]
     if test:
-        md += [f"Test split ({len(ctx.splits.test)} utterances), to report only:", "",
-               "| temperature:top_k | WER test | SIM test |", "|---|---|---|"]
-        md += [f"| {name} | {r['wer']} | {r['sim']} |" for name, r in test.items()]
-        if test_cmp:
-            md += ["", f"Chosen vs configured on test: WER {test_cmp['wer_delta']:+.4f} [{test_cmp['wer_lo']:+.4f}, "
-                       f"{test_cmp['wer_hi']:+.4f}], {test_cmp['test']} p = {test_cmp['wer_p']:.3g} "
-                       f"(n = {test_cmp['n']}); SIM {test_cmp['sim_delta']:+.4f} (p = {test_cmp['sim_p']:.3g})."]
-        md.append("")
+        md += test_section("temperature:top_k", len(ctx.splits.test), test, test_cmp, "configured")
     out.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md))
 

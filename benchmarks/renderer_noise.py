@@ -9,8 +9,8 @@ random ones (``models.renderer.corrupt_codes``). For each rate other than the ru
 trains the renderer of a finished run the base stage's way (``align.training.train_renderer``: the same
 examples, steps, batch, learning rate and seed; only its shuffle starts from ``random.Random(seed)``
 instead of where the AR's training left the base stage's generator); at the run's own rate it takes the
-run's renderer. Each goes behind the run's round-0 AR policy and scores all dev utterances with the loop's own evaluation
-(``benchmarks/eval_decoding.score_setting`` at the run's eval temperature / top-k and seed). The AR's
+run's renderer. Each goes behind the run's round-0 AR policy and scores all dev utterances with the loop's
+own evaluation (``benchmarks/eval_decoding.score_setting`` at the run's eval temperature / top-k and seed). The AR's
 samples are the same for every rate (the renderer does not take part in sampling), so the tests pair
 the same codes rendered by different renderers: sign-flip on per-utterance error counts vs rate 0,
 Holm over the table. The lowest dev WER is the choice; ``--report-test`` scores rate 0 and the choice
@@ -67,7 +67,7 @@ def main() -> None:
     from align.run import Context
     from align.stages import eval_items
     from align.training import golden_examples, golden_streams, policy_format
-    from benchmarks.eval_decoding import compare, score_setting
+    from benchmarks.eval_decoding import compare, delta_cells, score_setting, test_section
     from eval.stats import adjust_p
     from models.codec_lm import Policy
     from models.rundir import RunLayout
@@ -125,27 +125,20 @@ def main() -> None:
           f"`python benchmarks/renderer_noise.py --run {result['run']} --rates {' '.join(f'{r:g}' for r in args.rates)}"
           f"{' --report-test' if args.report_test else ''}` ({result['seconds']:.0f} s, of which training "
           f"{train_s:.0f} s): the phone renderer of `{run.name}` retrained at each `base.renderer_code_noise` "
-          f"({cfg.base.nar_steps} steps, seed {cfg.seed + 1}; at the run's own rate, {own:g}, its own renderer), behind the same round-0 AR policy, on all "
+          f"({cfg.base.nar_steps} steps, seed {cfg.seed + 1}; at the run's own rate, {own:g}, its own renderer), "
+          f"behind the same round-0 AR policy, on all "
           f"{len(ctx.splits.dev)} dev utterances (eval temperature {cfg.eval.temperature:g}, top-k {cfg.eval.top_k}); "
           "pocketsphinx corpus WER, resemblyzer SIM. Tests: paired sign-flip on per-utterance error counts vs "
           "rate 0 (the same AR samples through both renderers), Holm over the table.", "",
-          "| code noise | WER dev | SIM dev | WER delta vs 0 [95% CI] | p | p Holm | SIM delta (p) | n |",
+          "| code noise | WER dev | SIM dev | WER delta vs 0 [95% CI] | p | p Holm | n | SIM delta (p) |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rates:
         d, c = dev[r], tests.get(r)
-        cmp = (f"{c['wer_delta']:+.4f} [{c['wer_lo']:+.4f}, {c['wer_hi']:+.4f}] | {c['wer_p']:.3g} | "
-               f"{c['wer_p_holm']:.3g} | {c['sim_delta']:+.4f} ({c['sim_p']:.3g}) | {c['n']}") if c else "| | | |"
+        cmp = f"{delta_cells(c)} | {c['sim_delta']:+.4f} ({c['sim_p']:.3g})" if c else "| | | |"
         md.append(f"| {r:g} | {d['wer']} | {d['sim']} | {cmp} |")
     md += ["", f"Lowest dev WER: **{chosen:g}**.", ""]
     if test:
-        md += [f"Test split ({len(ctx.splits.test)} utterances), to report only:", "",
-               "| code noise | WER test | SIM test |", "|---|---|---|"]
-        md += [f"| {r:g} | {v['wer']} | {v['sim']} |" for r, v in test.items()]
-        if test_cmp:
-            md += ["", f"Chosen vs 0 on test: WER {test_cmp['wer_delta']:+.4f} [{test_cmp['wer_lo']:+.4f}, "
-                       f"{test_cmp['wer_hi']:+.4f}], {test_cmp['test']} p = {test_cmp['wer_p']:.3g} "
-                       f"(n = {test_cmp['n']}); SIM {test_cmp['sim_delta']:+.4f} (p = {test_cmp['sim_p']:.3g})."]
-        md.append("")
+        md += test_section("code noise", len(ctx.splits.test), {f"{r:g}": v for r, v in test.items()}, test_cmp, "0")
     Path(f"{out}.md").write_text("\n".join(md))
     print("\n".join(md))
 

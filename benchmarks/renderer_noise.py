@@ -47,6 +47,7 @@ def renderer_for(ctx, rate: float, cache: Path, examples, streams):
 
     path = cache / f"rate_{rate:g}"
     if (path / "renderer.json").exists():
+        log.info("rate %g: the renderer trained before, from %s", rate, path)
         return PhoneRenderer.load(path)
     cfg = ctx.cfg
     ctx.cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, renderer_code_noise=rate))
@@ -93,6 +94,7 @@ def main() -> None:
     examples = golden_examples(ctx, 0)  # the base stage's salt
     streams = golden_streams(ctx, policy_format(ctx))
     own = cfg.base.renderer_code_noise
+    cached = [r for r in rates if r != own and (run / "renderer_noise" / f"rate_{r:g}" / "renderer.json").exists()]
     renderers = {r: policy.renderer if r == own else renderer_for(ctx, r, run / "renderer_noise", examples, streams)
                  for r in rates}
     train_s = time.time() - t0
@@ -114,17 +116,19 @@ def main() -> None:
     test = score("test", sorted({0.0, chosen})) if args.report_test else {}
     test_cmp = compare(test[0.0], test[chosen]) if test and chosen != 0.0 else None
 
-    result = {"run": os.path.relpath(run.resolve(), ROOT.resolve()), "rates": rates, "chosen": chosen,
+    result = {"run": os.path.relpath(run.resolve(), ROOT.resolve()), "rates": rates, "chosen": chosen, "cached": cached,
               "train_seconds": round(train_s, 1), "seconds": round(time.time() - t0, 1),
               "dev": {f"{r:g}": v for r, v in dev.items()}, "dev_tests": {f"{r:g}": v for r, v in tests.items()},
               "test": {f"{r:g}": v for r, v in test.items()}, "test_chosen_vs_0": test_cmp}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=1) + "\n")
+    cached_note = (f"; the renderers of rates {', '.join(f'{r:g}' for r in cached)} trained by an earlier invocation "
+                   f"and read from `{Path(result['run']) / 'renderer_noise'}`" if cached else "")
     md = ["# Renderer code noise, chosen on dev", "",
           f"`python benchmarks/renderer_noise.py --run {result['run']} --rates {' '.join(f'{r:g}' for r in args.rates)}"
           f"{' --report-test' if args.report_test else ''}` ({result['seconds']:.0f} s, of which training "
-          f"{train_s:.0f} s): the phone renderer of `{run.name}` retrained at each `base.renderer_code_noise` "
+          f"{train_s:.0f} s{cached_note}): the phone renderer of `{run.name}` retrained at each `base.renderer_code_noise` "
           f"({cfg.base.nar_steps} steps, seed {cfg.seed + 1}; at the run's own rate, {own:g}, its own renderer), "
           f"behind the same round-0 AR policy, on all "
           f"{len(ctx.splits.dev)} dev utterances (eval temperature {cfg.eval.temperature:g}, top-k {cfg.eval.top_k}); "

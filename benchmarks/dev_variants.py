@@ -50,8 +50,7 @@ def main() -> None:
     from align.loop import run_loop
     from align.run import Context
     from align.stages import eval_items
-    from benchmarks.eval_decoding import compare, delta_cells, score_setting
-    from eval.stats import adjust_p
+    from benchmarks.eval_decoding import add_holm, compare, delta_cells, score_setting
     from models.codec_lm import Policy
     from models.rundir import RunLayout
 
@@ -87,9 +86,7 @@ def main() -> None:
     default = f"default round {last}"
     pairs = [(label, "round 0") for label in dirs if label != "round 0"]
     pairs += [(f"{name} round {last}", default) for name in args.only]
-    tests = {(b, a): compare(scores[a], scores[b]) for b, a in pairs}
-    for key, p in zip(tests, adjust_p([t["wer_p"] for t in tests.values()], "holm")):
-        tests[key]["wer_p_holm"] = float(p)
+    tests = add_holm({(b, a): compare(scores[a], scores[b]) for b, a in pairs})
 
     rel = os.path.relpath(run.resolve(), ROOT.resolve())
     result = {"run": rel, "variants": {n: VARIANTS[n] for n in args.only}, "rounds": last,

@@ -61,6 +61,15 @@ def compare(base: dict, other: dict) -> dict:
             "sim_delta": round(s.delta, 4), "sim_p": s.p, "n": w.n, "test": w.test}
 
 
+def add_holm(tests: dict) -> dict:
+    """Holm-adjust the WER p of every ``compare`` result in ``tests`` (any keys), as ``wer_p_holm``, in place."""
+    from eval.stats import adjust_p
+
+    for t, p in zip(tests.values(), adjust_p([t["wer_p"] for t in tests.values()], "holm")):
+        t["wer_p_holm"] = float(p)
+    return tests
+
+
 def delta_cells(c: dict) -> str:
     """A ``compare`` result (with ``wer_p_holm``) as table cells: WER delta [95% CI] | p | p Holm | n."""
     return (f"{c['wer_delta']:+.4f} [{c['wer_lo']:+.4f}, {c['wer_hi']:+.4f}] | {c['wer_p']:.3g} | "
@@ -85,7 +94,6 @@ def main() -> None:
     from align.config import load_config
     from align.run import Context
     from align.stages import eval_items
-    from eval.stats import adjust_p
     from models.codec_lm import Policy
     from models.rundir import RunLayout
 
@@ -119,9 +127,7 @@ def main() -> None:
         return out
 
     dev = run_split("dev", settings)
-    tests = {name: compare(dev[configured], dev[name]) for name in settings if name != configured}
-    for name, p in zip(tests, adjust_p([t["wer_p"] for t in tests.values()], "holm")):
-        tests[name]["wer_p_holm"] = float(p)
+    tests = add_holm({name: compare(dev[configured], dev[name]) for name in settings if name != configured})
     chosen = min(settings, key=lambda name: (dev[name]["wer"], settings.index(name)))
     test = run_split("test", list(dict.fromkeys([configured, chosen]))) if args.report_test else {}
     test_cmp = compare(test[configured], test[chosen]) if test and chosen != configured else None

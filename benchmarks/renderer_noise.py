@@ -63,13 +63,34 @@ def renderer_for(ctx, rate: float, cache: Path, examples, streams):
     return model
 
 
-def main() -> None:
+def phone_run_config(run: Path):
+    """A finished run's config with every utterance evaluated; refuses a run without the phone renderer."""
     from align.config import load_config
+
+    cfg = load_config(run / "config.yaml", ["eval.max_utterances=0"])
+    if cfg.policy.renderer != "phones":
+        raise SystemExit(f"{run}: policy.renderer={cfg.policy.renderer!r}; this benchmark retrains the phone renderer")
+    return cfg
+
+
+def renderers_at(ctx, run: Path, rates: list[float], own_renderer) -> dict:
+    """The phone renderer at each code-noise rate: ``own_renderer`` (the run's) at the run's own rate, the
+    others retrained the base stage's way or read from ``<run>/renderer_noise/`` (``renderer_for``)."""
+    from align.training import golden_examples, golden_streams, policy_format
+
+    own = ctx.cfg.base.renderer_code_noise
+    if all(r == own for r in rates):
+        return {r: own_renderer for r in rates}
+    examples = golden_examples(ctx, 0)  # the base stage's salt
+    streams = golden_streams(ctx, policy_format(ctx))
+    return {r: own_renderer if r == own else renderer_for(ctx, r, run / "renderer_noise", examples, streams)
+            for r in rates}
+
+
+def main() -> None:
     from align.run import Context
     from align.stages import eval_items
-    from align.training import golden_examples, golden_streams, policy_format
-    from benchmarks.eval_decoding import compare, delta_cells, score_setting, test_section
-    from eval.stats import adjust_p
+    from benchmarks.eval_decoding import add_holm, compare, delta_cells, score_setting, test_section
     from models.codec_lm import Policy
     from models.rundir import RunLayout
 
@@ -84,19 +105,14 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     run = Path(args.run)
-    cfg = load_config(run / "config.yaml", ["eval.max_utterances=0"])
-    if cfg.policy.renderer != "phones":
-        raise SystemExit(f"{run}: policy.renderer={cfg.policy.renderer!r}; this benchmark retrains the phone renderer")
+    cfg = phone_run_config(run)
     rates = sorted(set([0.0, *args.rates]))
     ctx = Context(cfg, None)
     policy = Policy.load(RunLayout(run).policy_dir(0))
     t0 = time.time()
-    examples = golden_examples(ctx, 0)  # the base stage's salt
-    streams = golden_streams(ctx, policy_format(ctx))
     own = cfg.base.renderer_code_noise
     cached = [r for r in rates if r != own and (run / "renderer_noise" / f"rate_{r:g}" / "renderer.json").exists()]
-    renderers = {r: policy.renderer if r == own else renderer_for(ctx, r, run / "renderer_noise", examples, streams)
-                 for r in rates}
+    renderers = renderers_at(ctx, run, rates, policy.renderer)
     train_s = time.time() - t0
 
     def score(split: str, chosen: list[float]) -> dict:
@@ -109,9 +125,7 @@ def main() -> None:
         return out
 
     dev = score("dev", rates)
-    tests = {r: compare(dev[0.0], dev[r]) for r in rates if r != 0.0}
-    for r, p in zip(tests, adjust_p([t["wer_p"] for t in tests.values()], "holm")):
-        tests[r]["wer_p_holm"] = float(p)
+    tests = add_holm({r: compare(dev[0.0], dev[r]) for r in rates if r != 0.0})
     chosen = min(rates, key=lambda r: (dev[r]["wer"], r))
     test = score("test", sorted({0.0, chosen})) if args.report_test else {}
     test_cmp = compare(test[0.0], test[chosen]) if test and chosen != 0.0 else None

@@ -36,13 +36,10 @@ log = logging.getLogger("speechalign.bench")
 
 
 def main() -> None:
-    from align.config import load_config
     from align.run import Context
     from align.stages import eval_items
-    from align.training import golden_examples, golden_streams, policy_format
-    from benchmarks.eval_decoding import compare, delta_cells, score_setting
-    from benchmarks.renderer_noise import renderer_for
-    from eval.stats import adjust_p
+    from benchmarks.eval_decoding import add_holm, compare, delta_cells, score_setting
+    from benchmarks.renderer_noise import phone_run_config, renderers_at
     from models.codec_lm import Policy
     from models.rundir import RunLayout
 
@@ -56,9 +53,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     run = Path(args.run)
-    cfg = load_config(run / "config.yaml", ["eval.max_utterances=0"])
-    if cfg.policy.renderer != "phones":
-        raise SystemExit(f"{run}: policy.renderer={cfg.policy.renderer!r}; this benchmark retrains the phone renderer")
+    cfg = phone_run_config(run)
     layout = RunLayout(run)
     rounds = [r for r in range(cfg.rounds + 1) if layout.policy_dir(r).exists()]
     if rounds[:1] != [0] or len(rounds) < 2:
@@ -67,12 +62,7 @@ def main() -> None:
     own = cfg.base.renderer_code_noise
     rates = sorted(set(args.rates) | {own})
     t0 = time.time()
-    policy = Policy.load(layout.policy_dir(0))
-    renderers = {own: policy.renderer}
-    if any(r != own for r in rates):
-        examples = golden_examples(ctx, 0)  # the base stage's salt
-        streams = golden_streams(ctx, policy_format(ctx))
-        renderers |= {r: renderer_for(ctx, r, run / "renderer_noise", examples, streams) for r in rates if r != own}
+    renderers = renderers_at(ctx, run, rates, Policy.load(layout.policy_dir(0)).renderer)
     train_s = time.time() - t0
 
     items = eval_items(ctx, getattr(ctx.splits, args.split))  # every utterance: eval.max_utterances=0
@@ -83,9 +73,7 @@ def main() -> None:
             policy.renderer = renderers[rate]
             scores[rnd, rate] = s = score_setting(ctx, policy, items, cfg.eval.temperature, cfg.eval.top_k)
             log.info("%s round %d, renderer noise %g: WER %.4f SIM %.4f", args.split, rnd, rate, s["wer"], s["sim"])
-    tests = {(rnd, rate): compare(scores[0, rate], scores[rnd, rate]) for rate in rates for rnd in rounds[1:]}
-    for key, p in zip(tests, adjust_p([t["wer_p"] for t in tests.values()], "holm")):
-        tests[key]["wer_p_holm"] = float(p)
+    tests = add_holm({(rnd, rate): compare(scores[0, rate], scores[rnd, rate]) for rate in rates for rnd in rounds[1:]})
 
     rel = os.path.relpath(run.resolve(), ROOT.resolve())
     result = {"run": rel, "split": args.split, "rates": rates, "own_rate": own, "rounds": rounds,

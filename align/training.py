@@ -109,10 +109,16 @@ def right_pad(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[tor
     return ids, labels, attn
 
 
-def lm_loss(lm, seqs: list[tuple[list[int], list[int]]], pad_id: int, device: str) -> torch.Tensor:
-    """Teacher-forcing loss of a causal LM on (prompt, completion) id pairs, completion tokens only."""
+def lm_loss(lm, seqs: list[tuple[list[int], list[int]]], pad_id: int, device: str, rule=None) -> torch.Tensor:
+    """Teacher-forcing loss of a causal LM on (prompt, completion) id pairs, completion tokens only: the mean NLL
+    under the full softmax, or with ``rule`` (models/walk.py ``EmitRule``) under what the policy may emit."""
     ids, labels, attn = right_pad(seqs, pad_id)
-    return lm(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
+    if rule is None:
+        return lm(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
+    from models.walk import completion_log_probs
+
+    scored = completion_log_probs(lm, rule, ids.to(device), attn.to(device), labels.to(device))
+    return -scored["log_probs"].sum() / scored["label_mask"].sum().clamp_min(1)
 
 
 def golden_examples(ctx: "Context", salt: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -269,8 +275,9 @@ def train_renderer(ctx: "Context", examples: list, rng: random.Random, *, size: 
 def sft_steps(policy, examples: list[tuple[str, str]], *, steps: int, lr: float, batch_size: int, warmup: int,
               seed: int, bcfg: "BaseConfig", device: str = "cpu", name: str = "sft",
               accelerator=None) -> tuple[float, list[dict]]:
-    """Teacher forcing of ``policy.lm`` on (prompt string, completion string) examples; loss on the completion.
-    With an ``accelerator`` of several processes each takes its share of every batch (``fit``).
+    """Teacher forcing of ``policy.lm`` on (prompt string, completion string) examples; loss on the completion,
+    under the policy's emit rule (the distribution it samples from). With an ``accelerator`` of several processes
+    each takes its share of every batch (``fit``).
 
     Returns (final loss, history); ``policy.lm`` is left trained, on the CPU, in eval mode.
     """
@@ -278,7 +285,8 @@ def sft_steps(policy, examples: list[tuple[str, str]], *, steps: int, lr: float,
     seqs = [(tok(p, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"])
             for p, c in examples]
     lm = policy.lm.to(device)
-    final, history = fit(name, lm, lambda batch: lm_loss(lm, [seqs[i] for i in batch], tok.pad_token_id, device),
+    rule = policy.emit_rule
+    final, history = fit(name, lm, lambda batch: lm_loss(lm, [seqs[i] for i in batch], tok.pad_token_id, device, rule),
                          n_items=len(seqs), batch_size=batch_size, steps=steps, lr=lr, warmup=warmup,
                          betas=(0.9, 0.999), bcfg=bcfg, rng=random.Random(seed), accelerator=accelerator,
                          weight_fn=lambda batch: sum(len(seqs[i][1]) for i in batch))

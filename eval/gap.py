@@ -10,8 +10,8 @@ Per round k we measure it on a fixed set of held-out (dev + test) texts and prom
   (so a text's golden and synthetic sequences never sit on both sides of a split); seeded.
   0.5 = indistinguishable, 1.0 = perfectly separable.
 * ``gap_logp_margin``: mean over utterances of (mean per-token log-prob of the golden codes minus
-  that of the policy's own sample) under round k's policy, over the codec tokens + ``<eos>`` it may
-  emit (the same renormalised distribution it samples from). A policy that samples from the golden
+  that of the policy's own sample) under round k's policy, scored under its emit rule (models/walk.py:
+  the distribution it samples from). A policy that samples from the golden
   distribution scores both alike; a positive margin means golden tokens are now the likelier ones.
 * a 2-D PCA of both sets (unigram frequencies), saved as coordinates for the report's plot.
 
@@ -97,43 +97,37 @@ def completion_logprobs(policy, texts: list[str], prompts: list[torch.Tensor], s
     """Mean per-token log-prob [N] of each speech stream (+ ``<eos>``) given its text and prompt.
 
     texts: N strings; prompts: N LongTensors [n_q, Tp] (full prompt codes); seqs: N streams of the
-    policy's layout [T_i] (RVQ-1 codes, with unit markers when interleaved). Log-probs are over the
-    tokens the policy may emit (codec tokens, ``<eos>`` and, interleaved, the text units), as it samples.
+    policy's layout [T_i] (RVQ-1 codes, with unit markers when interleaved). Scored under the policy's
+    emit rule (models/walk.py), the distribution it samples from; a stream it could never say
+    (a unit out of order) scores -inf.
     """
-    from models.layout import TEXT_UNITS
+    from models.walk import completion_log_probs
 
-    lm, tok, fmt = policy.lm.eval(), policy.tokenizer, policy.format
+    lm, tok, fmt, rule = policy.lm.eval(), policy.tokenizer, policy.format, policy.emit_rule
     device = next(lm.parameters()).device
-    K = policy.codec.codebook_size
-    emit = fmt.speech_tokens(K) + fmt.stop_tokens + (TEXT_UNITS if fmt.units is not None else [])
-    allowed = torch.tensor(tok.convert_tokens_to_ids(emit), device=device)
-    column = torch.full((len(tok),), -1, dtype=torch.long, device=device)  # vocab id -> column of `allowed`
-    column[allowed] = torch.arange(len(allowed), device=device)
     max_len = int(getattr(lm.config, "max_position_embeddings", 1 << 30))
     out = np.zeros(len(seqs))
     for start in range(0, len(seqs), batch_size):
-        ids, starts = [], []
+        rows = []
         for t, p, s in zip(texts[start:start + batch_size], prompts[start:start + batch_size],
                            seqs[start:start + batch_size]):
             head = tok(policy.conditioning(p, t), add_special_tokens=False)["input_ids"]
             stream = torch.as_tensor(np.asarray(s)).reshape(-1)
             tail = tok(fmt.completion_str(stream), add_special_tokens=False)["input_ids"]
-            seq = (head + tail)[:max_len]
-            ids.append(seq)
-            starts.append(len(head))
-        width = max(len(s) for s in ids)
+            rows.append((head, tail[: max(0, max_len - len(head))]))
+        width = max(len(h) + len(c) for h, c in rows)
         # Right padding: positions then count from 0 for every row without passing position_ids.
-        x = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        x = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(x, -100)
         mask = torch.zeros_like(x)
-        for i, s in enumerate(ids):
-            x[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-        logits = lm(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[..., allowed], dim=-1)  # [B, L, |allowed|] over what it may emit
-        for i, s in enumerate(ids):
-            col = column[torch.tensor(s[starts[i]:], device=device)]
-            pos = torch.arange(starts[i] - 1, len(s) - 1, device=device)
-            out[start + i] = float(logp[i, pos, col].mean()) if len(pos) else float("nan")
+        for i, (h, c) in enumerate(rows):
+            x[i, : len(h) + len(c)] = torch.tensor(h + c)
+            labels[i, len(h): len(h) + len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[i, : len(h) + len(c)] = 1
+        scored = completion_log_probs(lm, rule, x.to(device), mask.to(device), labels.to(device))
+        n = scored["label_mask"].sum(1)
+        mean = scored["log_probs"].sum(1) / n.clamp_min(1)
+        out[start:start + len(rows)] = torch.where(n > 0, mean, float("nan")).double().cpu().numpy()
     return out
 
 
@@ -154,10 +148,15 @@ def gap_analysis(policy, texts: list[str], prompts: list[torch.Tensor], golden: 
     lp_syn = completion_logprobs(policy, texts, prompts, synth, batch_size)
     golden, synth = [policy.format.frames(g) for g in golden], [policy.format.frames(s) for s in synth]  # codes [T]
     auc = classifier_auc(golden, synth, ids, K, seed=seed)
-    summary = {"gap_auc": auc, "gap_logp_margin": float(np.nanmean(lp_gold - lp_syn)),
-               "gap_logp_golden": float(np.nanmean(lp_gold)), "gap_logp_synthetic": float(np.nanmean(lp_syn)),
-               "gap_n": len(texts)}
-    detail = dict(summary, ids=list(ids), logp_golden=lp_gold.tolist(), logp_synthetic=lp_syn.tolist(),
+    # a golden stream the walk cannot say (a unit longer than the policy's frame cap) scores -inf: counted, and
+    # left out of the means rather than making them -inf
+    ok = np.isfinite(lp_gold) & np.isfinite(lp_syn)
+    summary = {"gap_auc": auc, "gap_logp_margin": float(np.mean(lp_gold[ok] - lp_syn[ok])) if ok.any() else None,
+               "gap_logp_golden": float(np.mean(lp_gold[ok])) if ok.any() else None,
+               "gap_logp_synthetic": float(np.mean(lp_syn[ok])) if ok.any() else None,
+               "gap_n": len(texts), "gap_unscored": int((~ok).sum())}
+    detail = dict(summary, ids=list(ids), logp_golden=np.where(np.isfinite(lp_gold), lp_gold, None).tolist(),
+                  logp_synthetic=np.where(np.isfinite(lp_syn), lp_syn, None).tolist(),
                   golden_len=[int(len(g)) for g in golden], synthetic_len=[int(len(s)) for s in synth],
                   pca=pca_2d(golden, synth, K).round(5).tolist(), labels=[1] * len(golden) + [0] * len(synth),
                   n=len(texts))

@@ -10,7 +10,7 @@ codes into audio. A sequence reads (models/layout.py)::
 
 With ``policy.layout: interleaved`` the speech part instead writes each text unit just before its
 codes (``<speech> HH <a3> <a3> AY <a7> ... <eos>``, models/layout.py) and generation walks through
-the text's units (``_WalkUnits``); ``policy.renderer: phones`` then renders codes and units through
+the text's units (models/walk.py: the rule every trainer scores under too); ``policy.renderer: phones`` then renders codes and units through
 models/renderer.py instead of the NAR.
 
 TRL's DPOTrainer tokenizes string columns with the policy's ``processing_class`` and has no
@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from models.codec import Codec, load_codec, prompt_frames
-from models.layout import (LAYOUT_VERSION, TEXT_FRONTENDS, TEXT_UNITS, SequenceFormat, codec_token, format_for,
+from models.layout import (LAYOUT_VERSION, TEXT_FRONTENDS, SequenceFormat, codec_token, format_for,
                            text_length, with_hint)
 from models.nar import NAR_KINDS, NARModel, load_nar
+from models.walk import RuleProcessor
 
 log = logging.getLogger("speechalign.policy")
 
@@ -113,81 +114,6 @@ def build_lm(size: str, vocab_size: int, max_positions: int, seed: int):
     return LlamaForCausalLM(config)
 
 
-class _AllowOnly:
-    """Logits processor: only codec tokens and ``<eos>`` may be generated."""
-
-    def __init__(self, allowed: torch.Tensor, vocab_size: int):
-        self.mask = torch.full((vocab_size,), float("-inf"))
-        self.mask[allowed] = 0.0
-
-    def __call__(self, input_ids, scores):
-        return scores + self.mask[: scores.shape[-1]].to(scores.device)
-
-
-class _WalkUnits:
-    """Logits processor of the interleaved layout: each row walks through its text's units in order.
-
-    After ``<speech>`` only the first unit may come; a unit is followed by at least one codec token;
-    then codec tokens or the next unit (``<eos>`` after the last) compete, the next unit with the
-    mass of every unit token, until ``max_frames`` frames of one unit force it. So a sample always says
-    every unit once, in order, and its length is bounded by units x (max_frames + 1) + 1 tokens.
-
-    units: per input row, the token ids of its units (rows = texts x num_return_sequences, in
-    generate's order); codec_ids: LongTensor of the codec-token ids; unit_ids: LongTensor of every
-    unit token's id (their mass is the "advance" mass).
-    """
-
-    def __init__(self, units: list[list[int]], codec_ids: torch.Tensor, eos_id: int, vocab_size: int,
-                 max_frames: int, unit_ids: torch.Tensor):
-        self.eos_id, self.max_frames = eos_id, max_frames
-        self.unit_ids = torch.cat([unit_ids, torch.tensor([eos_id])])
-        self.codec_mask = torch.full((vocab_size,), float("-inf"))
-        self.codec_mask[codec_ids] = 0.0
-        self.is_codec = torch.zeros(vocab_size + 1, dtype=torch.bool)  # (+1: a pad id past the vocab is no codec)
-        self.is_codec[codec_ids] = True
-        # every row's units, padded with <eos>: the token after the last unit [R, longest + 1]
-        longest = max((len(u) for u in units), default=0)
-        self.table = torch.full((len(units), longest + 1), eos_id, dtype=torch.long)
-        for r, u in enumerate(units):
-            self.table[r, : len(u)] = torch.tensor(u, dtype=torch.long)
-        self.lengths = torch.tensor([len(u) for u in units], dtype=torch.long)
-        self.pos = torch.zeros(len(units), dtype=torch.long)     # units emitted so far
-        self.frames = torch.zeros(len(units), dtype=torch.long)  # codec tokens since the last unit
-        self.started = False
-        self.device = None
-
-    def _to(self, device) -> None:
-        if self.device != device:
-            for name in ("unit_ids", "codec_mask", "is_codec", "table", "lengths", "pos", "frames"):
-                setattr(self, name, getattr(self, name).to(device))
-            self.device = device
-
-    def __call__(self, input_ids, scores):
-        """input_ids [R, t], scores [R, V] -> scores with what the walk forbids at -inf (all rows at once)."""
-        self._to(scores.device)
-        rows = torch.arange(scores.shape[0], device=scores.device)
-        if self.started:  # read the token chosen at the previous step
-            last = input_ids[:, -1].clamp(0, len(self.is_codec) - 1)
-            codec = self.is_codec[last]
-            unit = ~codec & (self.pos < self.lengths) & (last == self.table[rows, self.pos])
-            self.frames = torch.where(codec, self.frames + 1, torch.where(unit, 0, self.frames))
-            self.pos = self.pos + unit.long()
-        self.started = True
-        nxt = self.table[rows, self.pos]  # the next unit, or <eos> after the last
-        # codec tokens while a unit is under way and under its cap; the next unit once it has a frame
-        mask = torch.where(((self.pos > 0) & (self.frames < self.max_frames))[:, None],
-                           self.codec_mask[: scores.shape[-1]][None, :], float("-inf")).expand_as(scores).clone()
-        # The policy says "this unit is over" by putting mass on *a* unit token; which one comes next is
-        # the text's business. So the next unit gets the mass of every unit token (and <eos>): a small
-        # model that is unsure which phone follows must not be pushed into another frame by that doubt.
-        advance = torch.logsumexp(scores[:, self.unit_ids], dim=-1)
-        may = ((self.pos == 0) | (self.frames > 0)).nonzero().squeeze(-1)
-        out = scores.clone()
-        mask[may, nxt[may]] = 0.0
-        out[may, nxt[may]] = advance[may]
-        return out + mask
-
-
 @dataclass
 class Policy:
     """AR LM + tokenizer + NAR + codec; everything needed to go from (text, prompt) to audio."""
@@ -245,12 +171,10 @@ class Policy:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
-        if not (path / "speechalign.json").is_file():
-            raise ValueError(f"{path} is not a speechalign policy directory (speechalign.json missing); "
-                             "pass a round's policy/ folder, e.g. runs/<name>/round_001/policy")
+        problems = policy_dir_problems(path)
+        if problems:
+            raise ValueError(f"{path} is not a policy directory this code can load: {'; '.join(problems)}")
         meta = json.loads((path / "speechalign.json").read_text())
-        if meta.get("layout_version") != LAYOUT_VERSION:
-            raise ValueError(f"{path}: sequence layout v{meta.get('layout_version')} != this code's v{LAYOUT_VERSION}")
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.padding_side = "left"
@@ -271,18 +195,21 @@ class Policy:
 
             reranker = BestOfN.load(path / "reward_model", device)
         codec = load_codec(path / "codec")
-        # (a HuBERT-unit SpeechGPT policy speaks through its unit vocoder, not the codec's levels)
-        if (nar is None and flow is None and renderer is None and codec.n_q > 1
-                and meta.get("unit_vocoder", "codec") == "codec"):
-            raise ValueError(f"{path}: the codec has {codec.n_q} levels but the policy has no nar/ folder (nor a flow), "
-                             "so it could only render RVQ-1 alone and every score would be of that; copy the round's "
-                             "whole policy/ directory, or re-run its base stage")
         return cls(lm=lm, tokenizer=tokenizer, nar=nar, codec=codec, meta=meta, flow=flow, renderer=renderer,
                    reranker=reranker)
 
+    @property
+    def emit_rule(self):
+        """What this policy may emit after its prompt (models/walk.py): the one rule its sampler draws under
+        and every trainer and the gap analysis score under."""
+        from models.walk import EmitRule
+
+        return EmitRule.for_policy(self.tokenizer, self.format, self.codec.codebook_size,
+                                   self.meta.get("max_frames_per_unit"))
+
     def conditioning(self, prompt_codes: torch.Tensor, text: str) -> str:
         """The prompt string for (full prompt codes [n_q, Tp], text), with the policy's quality hint if any."""
-        return with_hint(self.format.prompt_str(self.prompt_codes(prompt_codes)[0], text), self.meta.get("quality_hint"))
+        return conditioning(self.meta, prompt_codes, text, self.codec.frame_rate)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -342,8 +269,7 @@ class Policy:
         K = self.codec.codebook_size
         fmt = self.format
         stop_ids = tok.convert_tokens_to_ids(fmt.stop_tokens)
-        speech_ids = tok.convert_tokens_to_ids(fmt.speech_tokens(K))
-        allowed = torch.tensor(speech_ids + stop_ids)
+        rule = self.emit_rule
         max_frames = int(self.meta.get("max_seconds", 6.0) * self.codec.frame_rate)
         results: list[list[torch.LongTensor]] = []
         order = range(0, len(texts), batch_size)
@@ -354,14 +280,9 @@ class Policy:
             # Cap length by the text: 2.5x the training data's frames per character, so a policy that
             # never emits <eos> cannot stall a round on max_seconds of babble.
             max_new = int(min(max_frames, 2.5 * max(self.expected_frames(t) for t in batch_texts) + 10))
-            if fmt.units is None:
-                processor = _AllowOnly(allowed, len(tok))
-            else:  # the walk through the units bounds the length itself
-                cap = int(self.meta["max_frames_per_unit"])
-                units = [tok.convert_tokens_to_ids(fmt.units(t)) for t in batch_texts for _ in range(n)]
-                processor = _WalkUnits(units, torch.tensor(speech_ids), stop_ids[0], len(tok), cap,
-                                       torch.tensor(tok.convert_tokens_to_ids(TEXT_UNITS)))
-                max_new = max(len(u) for u in units) * (cap + 1) + 1
+            if rule.walk:  # the walk through the units bounds the length itself
+                max_new = max(len(fmt.units(t)) for t in batch_texts) * (rule.max_frames + 1) + 1
+            processor = RuleProcessor(rule)
             torch.manual_seed(seed + start)
             from transformers import LogitsProcessorList
 
@@ -430,3 +351,51 @@ def policy_meta(cfg: PolicyConfig, frames_per_char: float, max_frames_per_unit: 
             raise ValueError("the interleaved layout needs max_frames_per_unit")
         meta.update(format="interleaved", max_frames_per_unit=int(max_frames_per_unit))
     return meta
+
+
+def conditioning(meta: dict, prompt_codes: torch.Tensor, text: str, frame_rate: float) -> str:
+    """The prompt string a policy (its ``speechalign.json`` meta) speaks ``text`` from: the first
+    ``meta["prompt_seconds"]`` of the voice prompt's RVQ-1 (full codes [n_q, Tp]) in the policy's layout, with
+    its quality hint if it has one. The one builder: the sampler, the pair stage and every trainer use it.
+    """
+    n = prompt_frames(meta["prompt_seconds"], frame_rate)
+    return with_hint(format_for(meta).prompt_str(torch.as_tensor(prompt_codes)[0, :n], text), meta.get("quality_hint"))
+
+
+def read_meta(policy_dir: str | Path) -> dict:
+    """A policy directory's ``speechalign.json`` (no weights loaded)."""
+    return json.loads((Path(policy_dir) / "speechalign.json").read_text())
+
+
+def policy_dir_problems(path: str | Path) -> list[str]:
+    """Why ``Policy.load`` would refuse ``path`` (empty when it can load it), read off its files without loading any
+    weights, so the dry run accepts exactly the policies a run accepts."""
+    path = Path(path)
+    if not (path / "speechalign.json").is_file():
+        return ["speechalign.json missing (pass a round's policy/ folder, e.g. runs/<name>/round_001/policy)"]
+    meta = json.loads((path / "speechalign.json").read_text())
+    problems = []
+    if meta.get("layout_version") != LAYOUT_VERSION:
+        problems.append(f"sequence layout v{meta.get('layout_version')} != this code's v{LAYOUT_VERSION}")
+    if not (path / "config.json").is_file():
+        problems.append("config.json missing (the transformers LM)")
+    if not any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
+        problems.append("no LM weights (model.safetensors)")
+    codec_meta = path / "codec" / "codec.json"
+    if not codec_meta.is_file():
+        return problems + ["codec/ missing (the codec the policy speaks)"]
+    codec = json.loads(codec_meta.read_text())
+    if meta.get("codec_identity") and codec.get("identity") and meta["codec_identity"] != codec["identity"]:
+        problems.append(f"its codec/ is {codec['identity']} but it was trained with {meta['codec_identity']}")
+    renderer = meta.get("renderer", "nar")
+    folder = {"flow": "flow", "phones": "renderer"}.get(renderer)
+    n_q = int(codec.get("config", {}).get("n_q", 1))
+    if folder is not None and not (path / folder).is_dir():
+        problems.append(f"{folder}/ missing (the policy renders through its {renderer} model)")
+    elif folder is None and n_q > 1 and not (path / "nar").is_dir() and meta.get("unit_vocoder", "codec") == "codec":
+        # (a HuBERT-unit SpeechGPT policy speaks through its unit vocoder, not the codec's levels)
+        problems.append(f"the codec has {n_q} levels but there is no nar/ folder (nor a flow or phone renderer), so it "
+                        "could only render RVQ-1 alone and every score would be of that; copy the round's whole "
+                        "policy/ directory, or re-run its base stage")
+    return problems
+

@@ -161,23 +161,3 @@ def test_pocketsphinx_aligns_a_real_recording_and_the_cli_writes_alignments(real
     out = align_manifest(str(tmp_path / "m.jsonl"))
     assert out["aligned"] == 1 and [f["id"] for f in out["failed"]] == ["b"]
     assert read_alignment(tmp_path / "a.wav")[0][0] in ("SIL", "DH") and not alignment_path(tmp_path / "b.wav").exists()
-
-
-def test_walk_gives_the_next_unit_the_mass_of_every_unit_token():
-    """A policy sure that *a* unit comes next but wrong about which one advances to the text's next unit."""
-    from models.codec_lm import _WalkUnits
-
-    V, codec_ids, unit_ids, eos = 12, torch.arange(4, 8), torch.arange(8, 12), 3
-    walk = _WalkUnits([[8, 9]], codec_ids, eos, V, max_frames=5, unit_ids=unit_ids)
-    scores = torch.zeros(1, V)
-    first = walk(torch.tensor([[1]]), scores.clone())
-    assert torch.isfinite(first[0]).nonzero().flatten().tolist() == [8]  # only the first unit may start
-    after_unit = walk(torch.tensor([[1, 8]]), scores.clone())
-    assert torch.isfinite(after_unit[0]).nonzero().flatten().tolist() == [4, 5, 6, 7]  # >= 1 frame first
-    s = torch.zeros(1, V)
-    s[0, 11] = 10.0  # all the "advance" mass on the wrong unit
-    probs = walk(torch.tensor([[1, 8, 5]]), s).softmax(-1)[0]
-    assert probs[9] > 0.99 and probs[11] == 0 and probs[10] == 0
-    for _ in range(4):  # a 5th frame of the same unit is the last one allowed
-        out = walk(torch.tensor([[1, 8, 5, 5]]), torch.zeros(1, V))
-    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [9]

@@ -273,6 +273,12 @@ class PairConfig:
     max_chosen_wer: float = field(default=0.5, metadata={
         "help": "ranked_samples: drop a prompt whose best sample's WER is above this: a bad 'chosen' teaches "
                 "nothing good"})
+    length_band: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata={
+        "help": "ranked_samples: drop a prompt whose best sample is shorter or longer than [lo, hi] x the golden "
+                "utterance of its text (in frames): a sanity band on what a pair teaches; [0, 1e9] = off"})
+    golden_candidate: bool = field(default=False, metadata={
+        "help": "ranked_samples: the golden tokens join each prompt's samples as one more candidate, judged like them "
+                "(chosen when they judge best; a pair then teaches the golden tokens over the worst sample)"})
     data: str = field(default="fresh", metadata={
         "help": "fresh: train on this round's pairs only; accumulate: also on the kept pairs of earlier rounds"})
     accumulate_rounds: int = field(default=0, metadata={
@@ -293,6 +299,9 @@ class PairConfig:
             raise ValueError(f"pair.scorers {unknown} unknown; registered scorers: {sorted(get_args(PairScorerName))}")
         if self.min_gap < 0 or self.max_chosen_wer < 0:
             raise ValueError("pair.min_gap and pair.max_chosen_wer must be >= 0")
+        band = self.length_band
+        if len(band) != 2 or not 0 <= band[0] <= 1 <= band[1]:
+            raise ValueError(f"pair.length_band={band}: give [lo, hi] with 0 <= lo <= 1 <= hi, e.g. [0.5, 2.0]")
         if self.data not in ("fresh", "accumulate"):
             raise ValueError(f"pair.data={self.data!r}: choose 'fresh' or 'accumulate'")
         if self.accumulate_rounds < 0:
@@ -344,6 +353,11 @@ class TrainConfig:
     best_of_n_length_band: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata={
         "help": "reward_bon: only samples whose length is within [lo, hi] x the text's expected length may win "
                 "(the closest when none is); [0, 1e9] turns the guard off"})
+    validate_every: int = field(default=0, metadata={
+        "help": "speak and score a dev subset every N optimiser steps (and at step 0: round k-1's policy) and keep "
+                "the dev-best checkpoint as the round's policy (align/validation.py); 0 = off, the last step's weights"})
+    validate_utterances: int = field(default=40, metadata={
+        "help": "validate_every > 0: dev utterances spoken at each validation (a fixed seeded subset)"})
     coh_rejected: bool = field(default=True, metadata={
         "help": "coh: also train on <bad>-hinted rejected sequences (false: only <good>-hinted chosen)"})
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -351,6 +365,9 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choice(self.method, MethodName, "train.method")
+        if self.validate_every < 0 or self.validate_utterances < 1:
+            raise ValueError(f"train.validate_every={self.validate_every} must be >= 0 and train.validate_utterances="
+                             f"{self.validate_utterances} >= 1")
         if self.best_of_n < 1:
             raise ValueError(f"train.best_of_n={self.best_of_n} must be >= 1")
         band = self.best_of_n_length_band

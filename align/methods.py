@@ -1,7 +1,8 @@
 """Training methods of a round: what turns round k's pairs into round k's policy.
 
     dpo          DPO through trl.DPOTrainer (any TRL loss_type, optional RPO-style SFT term)
-    sft_control  continue-SFT on the golden tokens of the round's prompts, same steps / lr / batch as DPO:
+    sft_control  continue-SFT on the golden tokens of the round's prompts through the same trainer as DPO
+                 (TRL's ``sft`` loss: the same optimiser, schedule, steps, batch, accumulation and LoRA):
                  the control that tells a preference gain from more teacher forcing
     reward_bon   a reward model (Bradley-Terry on the pairs) attached to round k-1's weights as a
                  Best-of-N reranker: no policy update, better samples at generation time
@@ -32,6 +33,7 @@ import torch
 from align.training import sft_steps
 from models.codec import prompt_frames
 from models.io import read_jsonl, write_json
+from models.layout import format_for
 from models.optim import tail_mean
 
 if TYPE_CHECKING:
@@ -151,6 +153,9 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
     done = []
     for c in folder.glob("checkpoint-*"):
+        if not re.fullmatch(r"checkpoint-\d+", c.name) or not c.is_dir():
+            log.warning("ignoring %s: not a trainer checkpoint (checkpoint-<step>)", c)
+            continue
         try:
             json.loads((c / "trainer_state.json").read_text())
         except (OSError, ValueError):
@@ -161,31 +166,34 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def dpo(ctx: "Context", k: int) -> dict:
-    """DPO on round k's pairs; round k-1's policy is both the start and the frozen reference."""
+def _trl_preference(ctx: "Context", k: int, rows: list[dict], *, method: str, loss_type: list[str],
+                    loss_weights: list[float] | None) -> dict:
+    """Round k's policy from round k-1's through ``trl.DPOTrainer`` on ``rows`` ({prompt, chosen, rejected}).
+
+    DPO and the continue-SFT control both train here, so they share the ``dpo:`` budget exactly (optimiser,
+    schedule, steps, batch, accumulation, LoRA); only ``loss_type`` differs (``["sft"]``: the NLL of the chosen
+    side alone). Every sequence is scored under the policy's emit rule (align/scoring.py), and with
+    ``train.validate_every`` the round keeps its dev-best checkpoint (align/validation.py).
+    """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
+    from align.scoring import rule_scoring
     from models.codec_lm import Policy
-    from models.layout import with_hint
 
     cfg, dcfg = ctx.cfg, ctx.cfg.dpo
     prev = ctx.run.policy_dir(k - 1)
-    pairs = _kept_pairs(ctx, k)
     policy = Policy.load(prev, device="cpu")
-    hint = policy.meta.get("quality_hint")  # a Chain-of-Hindsight policy is conditioned on its hint
-    dataset = Dataset.from_list([{"prompt": with_hint(p["prompt"], hint), "chosen": p["chosen"],
-                                  "rejected": p["rejected"]} for p in pairs])
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                                 for r in rows])
     ref = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32)
     # The global batch is dpo.batch_size whatever the process count, so 1 and N processes take the same steps.
     per_device = per_process_batch(dcfg.batch_size, ctx.ranks.world, "dpo.batch_size")
     work = ctx.run.train_dir(k)
     work.mkdir(parents=True, exist_ok=True)
     args = DPOConfig(
-        output_dir=str(work / "trainer"), beta=dcfg.beta,
-        loss_type=[dcfg.loss_type] + (["sft"] if dcfg.sft_weight > 0 else []),
-        loss_weights=[1.0, dcfg.sft_weight] if dcfg.sft_weight > 0 else None,
+        output_dir=str(work / "trainer"), beta=dcfg.beta, loss_type=loss_type, loss_weights=loss_weights,
         label_smoothing=dcfg.label_smoothing, discopop_tau=dcfg.discopop_tau, ld_alpha=dcfg.ld_alpha,
         f_divergence_type=dcfg.f_divergence_type, f_alpha_divergence_coef=dcfg.f_alpha_divergence_coef,
         use_weighting=dcfg.use_weighting, precompute_ref_log_probs=dcfg.precompute_ref,
@@ -203,36 +211,66 @@ def dpo(ctx: "Context", k: int) -> dict:
         peft_config = LoraConfig(r=dcfg.lora_r, lora_alpha=dcfg.lora_alpha, lora_dropout=dcfg.lora_dropout,
                                  target_modules=list(dcfg.lora_targets), task_type="CAUSAL_LM")
     timer = step_timer()
-    trainer = DPOTrainer(model=policy.lm, ref_model=None if dcfg.lora else ref, args=args, train_dataset=dataset,
-                         processing_class=policy.tokenizer, peft_config=peft_config,
-                         callbacks=[nan_guard(), timer])
+    callbacks = [nan_guard(), timer]
+    with rule_scoring(policy.emit_rule):  # policy, reference and a precomputed reference: all under the rule
+        trainer = DPOTrainer(model=policy.lm, ref_model=None if dcfg.lora else ref, args=args, train_dataset=dataset,
+                             processing_class=policy.tokenizer, peft_config=peft_config, callbacks=callbacks)
+    validator = _validator(ctx, k, policy, trainer)
     checkpoints = complete_checkpoints(work / "trainer")
     resume = str(checkpoints[-1]) if checkpoints else None
     if resume:
-        log.info("round %d dpo: resuming from %s", k, resume)
+        log.info("round %d %s: resuming from %s", k, method, resume)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - t0
     history = [h for h in trainer.state.log_history if "loss" in h]
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        if validator is not None:
+            raise ValueError("train.validate_every with FSDP/ZeRO-3 sharding is not supported; validate with ddp.yaml")
         policy.lm = _gathered_lm(trainer, prev, dcfg.lora)
+    elif validator is not None and validator.best["step"] == 0:  # every step made dev worse: keep round k-1's
+        policy.lm = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32).eval()
     else:
-        model = trainer.model
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if validator is not None:
+            model.load_state_dict(validator.best_state())
         if dcfg.lora:
             model = model.merge_and_unload()
         policy.lm = model.eval()
-    stats = {"method": "dpo", "steps": result.global_step, "loss": tail_mean(history, "loss"),
+    policy.lm.__dict__.pop("forward", None)  # the trainer's scoring head (align/scoring.py) stays with the trainer
+    stats = {"method": method, "steps": result.global_step, "loss": tail_mean(history, "loss"),
              "reward_accuracy": tail_mean(history, "rewards/accuracies"),
              "reward_margin": tail_mean(history, "rewards/margins"), "logps_chosen": tail_mean(history, "logps/chosen"),
-             "logps_rejected": tail_mean(history, "logps/rejected"), "pairs": len(pairs),
+             "logps_rejected": tail_mean(history, "logps/rejected"), "pairs": len(rows),
              # the median optimiser step (the reference's forward pass included unless precomputed) and the
              # whole train() call (with dpo.precompute_ref, the pass that scores every pair first)
              "step_seconds": timer.median(), "train_seconds": round(train_seconds, 3),
-             "precompute_ref": dcfg.precompute_ref}
+             "precompute_ref": dcfg.precompute_ref, **(validator.summary() if validator is not None else {})}
     _finish(ctx, k, policy, stats, history, work / "trainer")
-    log.info("round %d dpo: loss %.4f reward acc %.3f margin %.3f", k, stats["loss"] or float("nan"),
-             stats["reward_accuracy"] or float("nan"), stats["reward_margin"] or float("nan"))
+    log.info("round %d %s: loss %.4f reward acc %.3f margin %.3f%s", k, method, stats["loss"] or float("nan"),
+             stats["reward_accuracy"] or float("nan"), stats["reward_margin"] or float("nan"),
+             f"; dev-best step {stats['chosen_step']} (dev WER {stats['dev_wer']:.3f})" if validator else "")
     return stats
+
+
+def _validator(ctx: "Context", k: int, policy, trainer):
+    """With ``train.validate_every`` > 0, a DevValidator hooked into ``trainer`` (else None)."""
+    if not ctx.cfg.train.validate_every:
+        return None
+    from align.validation import DevValidator, validation_callback
+
+    validator = DevValidator(ctx, k, policy)
+    trainer.add_callback(validation_callback(validator, lambda: trainer.accelerator.unwrap_model(trainer.model)))
+    return validator
+
+
+def dpo(ctx: "Context", k: int) -> dict:
+    """DPO on round k's pairs; round k-1's policy is both the start and the frozen reference. ``dpo.sft_weight``
+    adds the NLL of the chosen side (RPO; MPO's guard against the chosen log-probs falling with the rejected)."""
+    pairs = _kept_pairs(ctx, k)
+    return _trl_preference(ctx, k, pairs, method="dpo",
+                           loss_type=[ctx.cfg.dpo.loss_type] + (["sft"] if ctx.cfg.dpo.sft_weight > 0 else []),
+                           loss_weights=[1.0, ctx.cfg.dpo.sft_weight] if ctx.cfg.dpo.sft_weight > 0 else None)
 
 
 def _gathered_lm(trainer, prev: Path, lora: bool):
@@ -253,28 +291,23 @@ def _gathered_lm(trainer, prev: Path, lora: bool):
 
 
 def sft_control(ctx: "Context", k: int) -> dict:
-    """Continue-SFT on the golden tokens of this round's sampled prompts (no preference signal)."""
-    from models.codec_lm import Policy
+    """Continue-SFT on the golden tokens of this round's sampled prompts (no preference signal), through the same
+    trainer and budget as DPO (``_trl_preference`` with the chosen side's NLL alone; the rejected side, a sample
+    of the prompt, is scored but carries no weight)."""
+    from models.codec_lm import conditioning, read_meta
 
-    cfg, dcfg = ctx.cfg, ctx.cfg.dpo
-    rows = read_jsonl(ctx.run.samples_dir(k) / "samples.jsonl")
+    meta = read_meta(ctx.run.policy_dir(k - 1))
+    fmt = format_for(meta)
     by_id = {u.id: u for u in ctx.splits.train}
-    n_prompt = prompt_frames(cfg.policy.prompt_seconds, ctx.codec.frame_rate)
-    policy = Policy.load(ctx.run.policy_dir(k - 1), device="cpu")
-    seen, examples = set(), []
-    for r in rows:
+    seen, rows = set(), []
+    for r in read_jsonl(ctx.run.samples_dir(k) / "samples.jsonl"):
         if r["id"] in seen:
             continue
         seen.add(r["id"])
-        golden = ctx.golden_stream(by_id[r["id"]], policy.format)
-        examples.append((policy.format.prompt_str(ctx.codes(by_id[r["prompt_id"]])[0, :n_prompt], r["text"]),
-                         policy.format.completion_str(golden)))
-    loss, history = sft_steps(policy, examples, steps=dcfg.steps, lr=dcfg.learning_rate, batch_size=dcfg.batch_size,
-                              warmup=int(dcfg.warmup_ratio * dcfg.steps), seed=cfg.seed + k, bcfg=cfg.base,
-                              name=f"round {k} sft_control", **_data_parallel(ctx))
-    stats = _summary("sft_control", loss=loss, sft_loss=loss, examples=len(examples), steps=dcfg.steps)
-    _finish(ctx, k, policy, stats, history)
-    log.info("round %d sft_control: loss %.4f on %d golden sequences", k, loss, len(examples))
+        rows.append({"prompt": conditioning(meta, ctx.codes(by_id[r["prompt_id"]]), r["text"], ctx.codec.frame_rate),
+                     "chosen": fmt.completion_str(ctx.golden_stream(by_id[r["id"]], fmt)),
+                     "rejected": fmt.completion_str(r["codes"])})
+    stats = _trl_preference(ctx, k, rows, method="sft_control", loss_type=["sft"], loss_weights=None)
     return stats
 
 
@@ -294,9 +327,11 @@ def coh(ctx: "Context", k: int) -> dict:
 
     cfg, dcfg = ctx.cfg, ctx.cfg.dpo
     pairs = _kept_pairs(ctx, k)
-    examples = [(with_hint(p["prompt"], GOOD), p["chosen"]) for p in pairs]
+    # a pair's prompt carries round k-1's hint when that policy was a CoH one: hint it afresh
+    bare = [p["prompt"].replace(f"{GOOD} <speech>", "<speech>").replace(f"{BAD} <speech>", "<speech>") for p in pairs]
+    examples = [(with_hint(b, GOOD), p["chosen"]) for b, p in zip(bare, pairs)]
     if cfg.train.coh_rejected:
-        examples += [(with_hint(p["prompt"], BAD), p["rejected"]) for p in pairs]
+        examples += [(with_hint(b, BAD), p["rejected"]) for b, p in zip(bare, pairs)]
     policy = Policy.load(ctx.run.policy_dir(k - 1), device="cpu")
     add_hint_tokens(policy)
     loss, history = sft_steps(policy, examples, steps=dcfg.steps, lr=dcfg.learning_rate, batch_size=dcfg.batch_size,
@@ -336,63 +371,96 @@ def reward_bon(ctx: "Context", k: int) -> dict:
     return summary
 
 
-class CodesReward:
-    """GRPO reward function over ``completion_ids`` (TRL decodes completions with special tokens skipped,
-    which drops ``<eos>`` and cannot be parsed reliably, so the ids are the ground truth).
+class StreamReward:
+    """A GRPO reward function over ``completion_ids``: each completion's speech stream in the policy's layout
+    (codes, and the unit markers of the interleaved layout), parsed from its token ids (TRL decodes completions
+    with special tokens skipped, which drops ``<eos>``: the ids are the ground truth).
 
-    score_fn(prompts: list[str], codes: list[list[int]], rows: list[dict]) -> list[float], where rows
-    carry the dataset columns (utt_id, prompt_id, text) of each completion.
+    score_fn(prompts: list[str], streams: list[list[int]], rows: list[dict]) -> list[float], where rows carry the
+    dataset columns (utt_id, prompt_id, text) of each completion.
     """
 
-    def __init__(self, name: str, tokenizer, codebook_size: int, score_fn: Callable):
+    def __init__(self, name: str, tokenizer, fmt, score_fn: Callable):
         self.__name__ = name  # TRL logs rewards under the function's name
-        self.offset = tokenizer.convert_tokens_to_ids("<a0>")
-        self.eos = tokenizer.eos_token_id
-        self.K = codebook_size
-        self.score_fn = score_fn
+        self.tokenizer, self.fmt, self.score_fn = tokenizer, fmt, score_fn
 
-    def codes(self, ids: list[int]) -> list[int]:
-        out = []
-        for t in ids:
-            if t == self.eos:
-                break
-            if self.offset <= t < self.offset + self.K:
-                out.append(t - self.offset)
-        return out
+    def stream(self, ids: list[int]) -> list[int]:
+        return self.fmt.parse_codes(" ".join(self.tokenizer.convert_ids_to_tokens(list(ids)))).tolist()
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
-        codes = [self.codes(list(ids)) for ids in completion_ids]
+        streams = [self.stream(ids) for ids in completion_ids]
         rows = [{key: kwargs[key][i] for key in ("utt_id", "prompt_id", "text") if key in kwargs}
-                for i in range(len(codes))]
-        return [float(x) for x in self.score_fn(list(prompts), codes, rows)]
+                for i in range(len(streams))]
+        return [float(x) for x in self.score_fn(list(prompts), streams, rows)]
+
+
+def speech_reward(wer: float, sim: float, frames: int, sim_weight: float) -> float:
+    """GRPO's direct reward of one rendered completion: (1 - min(WER, 1)) + sim_weight x SIM, and 0 for a completion
+    with no frames (it said nothing; as Koel-TTS's reward gives runaway or empty outputs 0)."""
+    if frames == 0:
+        return 0.0
+    return (1.0 - min(float(wer), 1.0)) + sim_weight * float(sim)
 
 
 def _direct_reward(ctx: "Context", k: int, policy, with_sim: bool) -> Callable:
-    """-WER (+ sim_weight x SIM) of each completion rendered through round k-1's NAR and codec."""
+    """``speech_reward`` of each completion rendered through round k-1's renderer and codec, judged by the run's
+    scorers (the pair stage's ``SCORERS``)."""
     from align.pairs import SCORERS, SampleBatch
 
     wer_fn = SCORERS["wer"](ctx)
     sim_fn = SCORERS["sim"](ctx) if with_sim else None
-    w = ctx.cfg.train.grpo.sim_weight
+    w = ctx.cfg.train.grpo.sim_weight if with_sim else 0.0
 
-    def score(prompts, codes, rows):
+    def score(prompts, streams, rows):
         batch = SampleBatch(ctx, k, [{"id": r["utt_id"], "prompt_id": r["prompt_id"], "text": r["text"], "codes": c}
-                                     for r, c in zip(rows, codes)])
-        batch.__dict__["policy"] = policy  # already loaded: no second copy
+                                     for r, c in zip(rows, streams)])
+        if policy is not None:
+            batch.__dict__["policy"] = policy  # already loaded: no second copy
         wers = wer_fn(batch)
         sims = sim_fn(batch) if sim_fn else [0.0] * len(wers)
-        return [-a + w * b for a, b in zip(wers, sims)]
+        frames = [sum(1 for x in c if x >= 0) for c in streams]
+        return [speech_reward(a, b, f, w) for a, b, f in zip(wers, sims, frames)]
 
     return score
 
 
+def _walk_rollout(policy, prompts_by_str: dict, gcfg, seed: int):
+    """TRL's ``rollout_func``: completions drawn by our sampler (``Policy.generate``: the emit rule's walk, the
+    length bound), one per prompt entry (TRL repeats each prompt ``num_generations`` times), from the weights in
+    training. Returns TRL's dict: prompt_ids, completion_ids (with ``<eos>``), logprobs None."""
+    import dataclasses
+
+    calls = iter(range(1 << 30))
+
+    def rollout(prompts: list[str], trainer) -> dict:
+        lm = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = lm.training
+        view = dataclasses.replace(policy, lm=lm)
+        texts = [prompts_by_str[p][0] for p in prompts]
+        codes = [prompts_by_str[p][1] for p in prompts]
+        out = view.generate(texts, codes, n=1, temperature=gcfg.temperature, top_k=gcfg.top_k,
+                            seed=seed + 7919 * next(calls) + 101 * trainer.accelerator.process_index,
+                            batch_size=len(prompts))
+        lm.train(was_training)
+        tok, fmt = policy.tokenizer, policy.format
+        return {"prompt_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                "completion_ids": [tok(fmt.completion_str(s[0]), add_special_tokens=False)["input_ids"] for s in out],
+                "logprobs": None}
+
+    return rollout
+
+
 def grpo(ctx: "Context", k: int) -> dict:
-    """GRPO from round k-1's policy (also the KL reference) on this round's sampled prompts."""
+    """GRPO from round k-1's policy (also the KL reference) on this round's sampled prompts: completions drawn by
+    our sampler through the emit rule (``_walk_rollout``), scored under the same rule (align/scoring.py), rewarded
+    from the rendered audio (``speech_reward``) or by a reward model trained on the round's pairs."""
+    import os
+
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    from align.scoring import rule_scoring
     from models.codec_lm import Policy
-    from models.layout import with_hint
 
     cfg, gcfg = ctx.cfg, ctx.cfg.train.grpo
     work = ctx.run.train_dir(k)
@@ -402,49 +470,67 @@ def grpo(ctx: "Context", k: int) -> dict:
     if gcfg.reward == "reward_model":
         pairs = _kept_pairs(ctx, k)
         rm, extra = _train_rm(ctx, k, policy, pairs)
-        score_fn = lambda prompts, codes, rows: rm.score(prompts, codes).tolist()  # noqa: E731
+        score_fn = lambda prompts, streams, rows: rm.score(prompts, streams).tolist()  # noqa: E731
     else:
         score_fn = _direct_reward(ctx, k, policy, with_sim=gcfg.reward == "wer_sim")
-    reward = CodesReward(f"reward_{gcfg.reward}", policy.tokenizer, policy.codec.codebook_size, score_fn)
+    reward = StreamReward(f"reward_{gcfg.reward}", policy.tokenizer, policy.format, score_fn)
 
     rows = read_jsonl(ctx.run.samples_dir(k) / "samples.jsonl")
     by_id = {u.id: u for u in ctx.splits.train}
-    n_prompt = prompt_frames(cfg.policy.prompt_seconds, ctx.codec.frame_rate)
-    seen, data = set(), []
+    seen, data, prompts_by_str = set(), [], {}
     for r in rows:
         if r["id"] not in seen:
             seen.add(r["id"])
-            p = policy.format.prompt_str(ctx.codes(by_id[r["prompt_id"]])[0, :n_prompt], r["text"])
-            data.append({"prompt": with_hint(p, policy.meta.get("quality_hint")), "utt_id": r["id"],
-                         "prompt_id": r["prompt_id"], "text": r["text"]})
-    tok = policy.tokenizer
-    offset, K = policy.code_offset, policy.codec.codebook_size
-    allowed = set(range(offset, offset + K)) | {tok.eos_token_id}
+            codes = ctx.codes(by_id[r["prompt_id"]])
+            p = policy.conditioning(codes, r["text"])
+            prompts_by_str[p] = (r["text"], codes)
+            data.append({"prompt": p, "utt_id": r["id"], "prompt_id": r["prompt_id"], "text": r["text"]})
     max_frames = gcfg.max_completion_frames or int(cfg.policy.max_seconds * ctx.codec.frame_rate)
+    if gcfg.max_completion_frames:  # the sampler's own length bound, tightened
+        policy.meta["max_seconds"] = max_frames / ctx.codec.frame_rate
     args = GRPOConfig(
         output_dir=str(work / "trainer"), learning_rate=gcfg.learning_rate, max_steps=gcfg.steps,
         # prompts_per_step is the step's batch over all processes, as dpo.batch_size is: N processes take
         # the same steps as one (TRL groups the completions of a prompt across the processes)
         per_device_train_batch_size=per_process_batch(gcfg.num_generations * gcfg.prompts_per_step,
                                                       ctx.ranks.world, "train.grpo.num_generations x prompts_per_step"),
-        num_generations=gcfg.num_generations, max_completion_length=max_frames,  # <eos> counts, as in Policy.generate
+        num_generations=gcfg.num_generations, max_completion_length=policy_max_tokens(policy, data),
         temperature=gcfg.temperature, top_k=gcfg.top_k, beta=gcfg.beta, loss_type=gcfg.loss_type,
-        # only codec tokens and <eos> may be sampled, as in Policy.generate
-        generation_kwargs={"suppress_tokens": [i for i in range(len(tok)) if i not in allowed]},
         logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed + k, data_seed=cfg.seed + k,
         use_cpu=ctx.device == "cpu", dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
         log_completions=False)
-    trainer = GRPOTrainer(model=policy.lm, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(data),
-                          processing_class=tok)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's experimental hook: we rely on it
+    with rule_scoring(policy.emit_rule):  # TRL passes its sampling temperature: the rule's log-probs at it
+        trainer = GRPOTrainer(model=policy.lm, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(data),
+                              processing_class=policy.tokenizer,
+                              rollout_func=_walk_rollout(policy, prompts_by_str, gcfg, cfg.seed * 1000 + k))
+    validator = _validator(ctx, k, policy, trainer)
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
-    policy.lm = trainer.model.cpu().eval()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if validator is not None and validator.best["step"] == 0:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(ctx.run.policy_dir(k - 1), dtype=torch.float32)
+    elif validator is not None:
+        model.load_state_dict(validator.best_state())
+    policy.lm = model.cpu().eval()
+    policy.lm.__dict__.pop("forward", None)
     summary = _summary("grpo", loss=tail_mean(history, "loss"), pairs=extra.get("rm_pairs"),
                        grpo_reward=tail_mean(history, "reward"), grpo_reward_std=tail_mean(history, "reward_std"),
-                       prompts=len(data), steps=gcfg.steps, **extra)
+                       prompts=len(data), steps=gcfg.steps, **extra,
+                       **(validator.summary() if validator is not None else {}))
     _finish(ctx, k, policy, summary, history, work / "trainer")
     log.info("round %d grpo: loss %s reward %s", k, summary["loss"], summary["grpo_reward"])
     return summary
+
+
+def policy_max_tokens(policy, data: list[dict]) -> int:
+    """The longest completion (tokens, ``<eos>`` included) the sampler can write for any of ``data``'s texts."""
+    fmt = policy.format
+    if policy.emit_rule.walk:
+        return max(len(fmt.units(d["text"])) for d in data) * (policy.emit_rule.max_frames + 1) + 1
+    return int(policy.meta.get("max_seconds", 6.0) * policy.codec.frame_rate) + 1
 
 
 # name -> fn(ctx, k) -> summary. The round's training stage dispatches here on train.method.

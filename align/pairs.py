@@ -18,13 +18,16 @@ ranks worst.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 from pathlib import Path
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import torch
 
 from models.layout import token_distance
 
@@ -45,8 +48,10 @@ class SampleBatch:
     ``sample_rate``, rendered by round k-1's policy (NAR + codec) only if a scorer asks for audio.
     """
 
-    def __init__(self, ctx: "Context", k: int, rows: list[dict]):
+    def __init__(self, ctx: "Context", k: int, rows: list[dict], policy=None):
         self.ctx, self.k, self.rows = ctx, k, rows
+        if policy is not None:  # already loaded (a judge scoring many batches loads it once)
+            self.__dict__["policy"] = policy
 
     @cached_property
     def policy(self):
@@ -107,22 +112,51 @@ def _dnsmos_scorer(ctx: "Context"):
 SCORERS: dict[str, Callable] = {"wer": _wer_scorer, "sim": _sim_scorer, "dnsmos": _dnsmos_scorer}
 
 
+JUDGE_BATCH = 64  # samples rendered and scored together: the unit of sharing across ranks and of resuming
+
+
 def score_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict[str, float]]:
-    """Every configured scorer over every sample -> one ``{scorer: value}`` dict per row."""
-    batch = SampleBatch(ctx, k, rows)
-    out: list[dict[str, float]] = [{} for _ in rows]
-    for name in ctx.cfg.pair.scorers:
-        scorer = SCORERS[name](ctx)
+    """Every configured scorer over every sample -> one ``{scorer: value}`` dict per row.
+
+    The rows are cut into batches of ``JUDGE_BATCH`` dealt to the processes (as ``sample`` and ``evaluate``
+    deal theirs) and gathered; each finished batch is kept (``round_k/.partial/pair/``), so a crash loses at
+    most one batch of judging."""
+    from tqdm import tqdm
+
+    from models.io import BatchStore
+
+    store = BatchStore(ctx.run.partial_dir(k, "pair"))
+    factories = [(name, SCORERS[name](ctx)) for name in ctx.cfg.pair.scorers]
+    for name, scorer in factories:
         if scorer is None:
             log.warning("round %d pair: scorer %r is not available here; ranking without it", k, name)
-            continue
-        values = scorer(batch)
-        if len(values) != len(rows):
-            raise ValueError(f"scorer {name!r} returned {len(values)} scores for {len(rows)} samples")
-        for d, v in zip(out, values):
-            d[name] = float(v)
+    factories = [(n, f) for n, f in factories if f is not None]
+    policy = None
+    mine = []
+    t0 = time.time()
+    for start, stop in tqdm(ctx.ranks.batches(len(rows), JUDGE_BATCH), desc="judging", leave=False):
+        done = store.get(f"{start}-{stop}")
+        if done is None:
+            if policy is None:
+                policy = SampleBatch(ctx, k, []).policy
+            batch = SampleBatch(ctx, k, rows[start:stop], policy=policy)
+            done = [{} for _ in range(start, stop)]
+            for name, scorer in factories:
+                values = scorer(batch)
+                if len(values) != stop - start:
+                    raise ValueError(f"scorer {name!r} returned {len(values)} scores for {stop - start} samples")
+                for d, v in zip(done, values):
+                    d[name] = float(v)
+            store.put(f"{start}-{stop}", done)
+        mine.append((start, done))
+    seconds = time.time() - t0
+    out: list[dict[str, float]] = [{} for _ in rows]
+    for start, done in ctx.ranks.gather(mine):
+        out[start:start + len(done)] = done
     if not any(out):
         raise ValueError(f"no scorer of pair.scorers={ctx.cfg.pair.scorers} is available; add 'wer' or 'sim'")
+    log.info("round %d pair: judged %d samples in %.0f s (%.2f samples/s on this process)", k, len(rows), seconds,
+             sum(len(d) for _, d in mine) / max(seconds, 1e-9))
     return out
 
 
@@ -218,14 +252,28 @@ def golden_vs_synthetic(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
 
 
 def ranked_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
-    """Best vs worst of each prompt's samples by score; one pair per prompt (or a recorded drop)."""
+    """Best vs worst of each prompt's samples as the run's judges score them on the rendered audio; one pair per
+    prompt, or a recorded drop (tie, gap under ``pair.min_gap``, best above ``pair.max_chosen_wer``, best outside
+    ``pair.length_band`` x the golden length, the two too close). With ``pair.golden_candidate`` the golden tokens
+    are judged as one more candidate (``sample`` "golden")."""
+    from models.layout import format_of
+
     pcfg = ctx.cfg.pair
+    by_id = {u.id: u for u in ctx.splits.train}
+    fmt = format_of(ctx.run.policy_dir(k - 1))
+    if pcfg.golden_candidate:
+        firsts = {}
+        for r in rows:
+            firsts.setdefault(r["id"], r)
+        rows = rows + [dict(r, sample="golden", codes=ctx.golden_stream(by_id[i], fmt).tolist())
+                       for i, r in firsts.items()]
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(r["id"], []).append(i)
     if max(len(g) for g in groups.values()) < 2:
         raise ValueError("pair.strategy=ranked_samples needs several samples per prompt: set sample.n >= 2")
     scores = score_samples(ctx, k, rows)
+    lo, hi = pcfg.length_band
     pairs = []
     for uid, idx in groups.items():
         if len(idx) < 2:
@@ -233,6 +281,10 @@ def ranked_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
         group_scores = [scores[i] for i in idx]
         b, w, drop = rank_group(group_scores, pcfg)
         best, worst = rows[idx[b]], rows[idx[w]]
+        golden_frames = int(ctx.codes(by_id[uid]).shape[1]) if uid in by_id else None
+        best_frames = len(fmt.frames(torch.tensor(best["codes"], dtype=torch.long)))
+        if drop is None and golden_frames and not lo * golden_frames <= best_frames <= hi * golden_frames:
+            drop = "length"
         dist = token_distance(best["codes"], worst["codes"])
         if drop is None and dist < pcfg.min_distance:
             drop = "too_close"
@@ -242,6 +294,7 @@ def ranked_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
                       "chosen_codes": best["codes"], "rejected_codes": worst["codes"],
                       "scores": {"token_distance": dist, "length_ratio": len(worst["codes"]) / max(1, len(best["codes"])),
                                  "chosen": group_scores[b], "rejected": group_scores[w],
+                                 "chosen_frames_vs_golden": best_frames / golden_frames if golden_frames else None,
                                  "gap": wsum[b] - wsum[w], "all": group_scores},
                       "keep": drop is None, **({"drop": drop} if drop else {})})
     return pairs
@@ -256,6 +309,7 @@ def human(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
         raise ValueError(f"pair.strategy=human: no judgments database at {db}; collect judgments with "
                          f"`speechalign listen {ctx.run.root}` first, or set pair.human_db")
     pairs = human_pairs(db)  # rows from the judged runs as the database names them (this run, or another)
+    _check_judged_codecs(ctx, pairs)
     test_ids = {u.id for u in ctx.splits.test}
     held_out = sum(p["id"] in test_ids for p in pairs)
     if held_out:
@@ -265,6 +319,25 @@ def human(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:
         p["sample"] = None
         p["scores"]["test_split"] = p["id"] in test_ids
     return pairs
+
+
+def _check_judged_codecs(ctx: "Context", pairs: list[dict]) -> None:
+    """Refuse judged clips spoken with another codec than this run's: their RVQ-1 tokens index another codebook."""
+    from models.rundir import RunLayout
+
+    seen = set()
+    for p in pairs:
+        judged = p.get("judged") or {}
+        for run, k in zip(judged.get("runs", []), judged.get("rounds", [])):
+            if (run, k) in seen:
+                continue
+            seen.add((run, k))
+            meta = RunLayout(run).policy_dir(int(k)) / "speechalign.json"
+            theirs = json.loads(meta.read_text()).get("codec_identity") if meta.is_file() else None
+            if theirs is not None and theirs != ctx.codec.identity:
+                raise ValueError(f"human pairs of {run} round {k} were spoken with codec {theirs}, but this run's codec "
+                                 f"is {ctx.codec.identity}: their tokens index another codebook. Judge clips of runs that "
+                                 "share this run's codec (its own rounds, or runs started from its round-0 policy)")
 
 
 def mixed(ctx: "Context", k: int, rows: list[dict]) -> list[dict]:

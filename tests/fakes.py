@@ -30,11 +30,14 @@ def tiny_lm(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
-def tiny_policy() -> Policy:
+def tiny_policy(layout: str = "plain") -> Policy:
+    """A tiny plain-layout policy, or (``layout="interleaved"``) one that walks through the letters of its text."""
     tok = build_tokenizer(K)
     codec = MelRVQCodec(CodecConfig(n_q=1, codebook_size=K), torch.randn(1, K, 80))
-    return Policy(tiny_lm(len(tok)), tok, None, codec,
-                  {"prompt_seconds": 0.05, "max_seconds": 0.3, "frames_per_char": 1.0})
+    meta = {"prompt_seconds": 0.05, "max_seconds": 0.3, "frames_per_char": 1.0}
+    if layout == "interleaved":
+        meta.update(format="interleaved", max_frames_per_unit=3)
+    return Policy(tiny_lm(len(tok)), tok, None, codec, meta)
 
 
 def golden_codes(i: int, length: int = 12) -> list[int]:
@@ -53,14 +56,15 @@ class FakeRun(RunLayout):
 class FakeContext:
     """What stages read from a Context: cfg, run, device, splits.train, codec and ``codes(utt)``."""
 
-    def __init__(self, root: Path, overrides: list[str] | None = None, n_utts: int = 6):
+    def __init__(self, root: Path, overrides: list[str] | None = None, n_utts: int = 6, layout: str = "plain"):
         self.cfg = load_config(None, ["policy.prompt_seconds=0.05", "dpo.steps=2", "dpo.batch_size=2",
                                       "dpo.save_steps=100", "dpo.max_length=128", "pair.min_distance=0.0",
                                       "base.log_every=1"] + (overrides or []))
         self.run = FakeRun(Path(root))
         self.device = "cpu"
         self.ranks = Ranks()  # one process, as a test runs
-        self.policy = tiny_policy()
+        self.scorers = None  # no judges: tests that need them stub the scorers
+        self.policy = tiny_policy(layout)
         self.codec = self.policy.codec
         texts = ["a cat", "the dog", "big red", "one two", "go now", "hi you", "we sat", "no way"]
         utts = [Utterance(f"u{i}", str(root / f"u{i}.wav"), texts[i % len(texts)], f"s{i % 2}") for i in range(n_utts)]
@@ -71,6 +75,11 @@ class FakeContext:
 
     def codes(self, utt) -> torch.LongTensor:
         return self._codes[utt.id]
+
+    def prompt_for(self, utt, pool, salt: int = 0, min_seconds: float = 0.0):
+        from models.data import choose_prompt
+
+        return choose_prompt(utt, pool, self.cfg.seed + salt)
 
     def golden_stream(self, utt, fmt) -> torch.LongTensor:
         from align.run import Context

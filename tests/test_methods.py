@@ -64,7 +64,9 @@ def test_sft_control_trains_on_golden_tokens_only(tmp_path):
     ctx = _round_one(tmp_path, ["train.method=sft_control"])
     before = Policy.load(ctx.run.policy_dir(0))
     stats = methods.train(ctx, 1)
-    assert stats["method"] == "sft_control" and stats["examples"] == 4 and math.isfinite(stats["loss"])
+    # the same trainer and budget as DPO: its steps, its optimiser; one golden sequence per sampled prompt
+    assert stats["method"] == "sft_control" and stats["pairs"] == 4 and stats["steps"] == ctx.cfg.dpo.steps
+    assert math.isfinite(stats["loss"])
     assert _changed(ctx)
     after = Policy.load(ctx.run.policy_dir(1))
     # the golden completion became more likely
@@ -140,7 +142,7 @@ def test_best_of_n_length_band_stops_a_short_loving_reward_model():
 def test_grpo_takes_a_step_with_a_direct_reward(tmp_path, monkeypatch):
     """reward=wer through the pluggable scorer registry, with a stub WER that depends on the codes and
     records what it saw and returned; the logged reward statistics must be exactly those of -WER over the
-    completions GRPO generated (reward = -WER + sim_weight x 0)."""
+    completions GRPO generated (reward = 1 - min(WER, 1), SIM off)."""
     from align import pairs as P
 
     calls = []  # one (codes of each completion, WERs returned) per call
@@ -163,13 +165,51 @@ def test_grpo_takes_a_step_with_a_direct_reward(tmp_path, monkeypatch):
     assert len(calls) == 1
     codes, wers = calls[0]
     assert len(codes) == 4 and all(0 <= x < K for c in codes for x in c)
-    rewards = torch.tensor([-w for w in wers], dtype=torch.float64)
+    rewards = torch.tensor([1 - min(w, 1) for w in wers], dtype=torch.float64)  # methods.speech_reward, SIM off
     assert stats["grpo_reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
     assert stats["grpo_reward_std"] == pytest.approx(rewards.std().item(), abs=1e-6)  # TRL: unbiased, whole batch
     (logged,) = json.loads((ctx.run.train_dir(1) / "metrics.json").read_text())["history"]
     assert logged["rewards/reward_wer/mean"] == pytest.approx(rewards.mean().item(), abs=1e-6)
     # train.grpo.max_completion_frames caps the codes a completion may hold (its <eos> comes on top)
     assert max(len(c) for c in codes) <= 8, [len(c) for c in codes]
+
+
+def test_grpo_on_the_interleaved_layout_rewards_the_walks_it_sampled(tmp_path, monkeypatch):
+    """GRPO's completions come from our sampler's walk (every unit of the text once, in order, with 1-3 frames
+    each) and its reward is speech_reward of the scorers' values on exactly those streams, unit markers included."""
+    from align import pairs as P
+    from models.layout import TEXT_UNITS, text_units
+
+    seen = []
+
+    def stub(name, fn):
+        def factory(ctx):
+            def score(batch):
+                values = [fn(r["codes"]) for r in batch.rows]
+                seen.append((name, [(r["text"], list(r["codes"])) for r in batch.rows], values))
+                return values
+            return score
+        return factory
+
+    monkeypatch.setitem(P.SCORERS, "wer", stub("wer", lambda c: (len(c) % 7) / 10))
+    monkeypatch.setitem(P.SCORERS, "sim", stub("sim", lambda c: 0.5 + sum(x for x in c if x >= 0) / 1000))
+    ctx = FakeContext(tmp_path, ["train.method=grpo", "train.grpo.reward=wer_sim", "train.grpo.steps=1",
+                                 "train.grpo.num_generations=2", "train.grpo.prompts_per_step=2",
+                                 "train.grpo.sim_weight=0.5", "train.grpo.learning_rate=1e-3"], n_utts=4,
+                      layout="interleaved")
+    ctx.write_samples(1, ctx.sample_rows(n=1))
+    stats = methods.train(ctx, 1)
+    assert stats["method"] == "grpo" and _changed(ctx)
+    (_, walked, wers), (_, _, sims) = seen
+    assert len(walked) == 4
+    for text, stream in walked:
+        units = [TEXT_UNITS[-1 - x] for x in stream if x < 0]
+        assert units == text_units(text)  # the walk: every unit, in order
+        runs = [len(r) for r in "".join("u" if x < 0 else "f" for x in stream).split("u")[1:]]
+        assert all(1 <= n <= 3 for n in runs)  # >= 1 frame per unit, at most max_frames_per_unit
+    rewards = torch.tensor([methods.speech_reward(w, s, sum(x >= 0 for x in c), 0.5)
+                            for (_, c), w, s in zip(walked, wers, sims)], dtype=torch.float64)
+    assert stats["grpo_reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
 
 
 @pytest.mark.slow
@@ -187,14 +227,17 @@ def test_grpo_rewards_read_completion_ids():
     off = tok.convert_tokens_to_ids("<a0>")
     seen = {}
 
-    def score(prompts, codes, rows):
-        seen.update(codes=codes, rows=rows)
-        return [float(len(c)) for c in codes]
+    def score(prompts, streams, rows):
+        seen.update(streams=streams, rows=rows)
+        return [float(len(c)) for c in streams]
 
-    fn = methods.CodesReward("r", tok, K, score)
+    fn = methods.StreamReward("r", tok, tiny_policy().format, score)
     ids = [[off + 3, off + 5, tok.eos_token_id, off + 1], [tok.convert_tokens_to_ids("<text>"), off + 2]]
     out = fn(["p", "p"], ["", ""], ids, utt_id=["u0", "u1"], prompt_id=["u2", "u3"], text=["a", "b"])
-    assert out == [2.0, 1.0] and seen["codes"] == [[3, 5], [2]] and seen["rows"][1]["utt_id"] == "u1"
+    assert out == [2.0, 1.0] and seen["streams"] == [[3, 5], [2]] and seen["rows"][1]["utt_id"] == "u1"
+    assert methods.speech_reward(0.25, 0.8, frames=10, sim_weight=0.5) == pytest.approx(1.15)
+    assert methods.speech_reward(3.0, 0.8, frames=10, sim_weight=0.0) == 0.0  # WER above 1 counts as 1
+    assert methods.speech_reward(0.0, 0.9, frames=0, sim_weight=1.0) == 0.0  # said nothing: 0
 
 
 def test_reward_model_ranks_golden_over_corrupted(tmp_path):
@@ -261,3 +304,59 @@ def test_every_ablation_config_loads():
         d = to_dict(c)
         assert {k: d[k] for k in shared} == {k: first[k] for k in shared}, stem
         assert c.name == f"abl_{stem}" and c.rounds == 2 and stem.startswith(c.train.method), stem
+
+
+def test_a_round_keeps_its_dev_best_checkpoint(tmp_path, monkeypatch):
+    """train.validate_every: the round's policy is the checkpoint with the lowest dev WER (here step 4 of 8), not the
+    last step's; the curve (steps 0, 2, 4, 6, 8) goes to validation.jsonl and the summary."""
+    import hashlib
+
+    from align import validation
+
+    dev_wer = {0: 0.50, 2: 0.45, 4: 0.30, 6: 0.40, 8: 0.35}
+    seen = {}
+
+    def fake_evaluate(policy, items, **kw):
+        step = len(seen) * 2
+        state = policy.lm.state_dict()
+        seen[step] = hashlib.sha1(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
+        return {"wer": dev_wer[step], "sim": 0.8, "n": 3}, []
+
+    monkeypatch.setattr("eval.evaluate.evaluate_policy", fake_evaluate)
+    monkeypatch.setattr(validation, "dev_items", lambda ctx, n: [None] * 3)
+    ctx = _round_one(tmp_path, ["dpo.steps=8", "dpo.save_steps=100", "dpo.learning_rate=1e-2",
+                                "train.validate_every=2", "train.validate_utterances=3"])
+    stats = methods.train(ctx, 1)
+    assert [r["step"] for r in stats["validation"]] == [0, 2, 4, 6, 8] and stats["chosen_step"] == 4
+    assert stats["dev_wer"] == 0.30 and len(set(seen.values())) == 5  # every checkpoint differs
+    lm = Policy.load(ctx.run.policy_dir(1)).lm.state_dict()
+    assert hashlib.sha1(b"".join(lm[k].numpy().tobytes() for k in sorted(lm))).hexdigest() == seen[4]
+    rows = [json.loads(x) for x in (ctx.run.train_dir(1) / "validation.jsonl").read_text().splitlines()]
+    assert [r["wer"] for r in rows] == [dev_wer[s] for s in (0, 2, 4, 6, 8)]
+
+
+def test_a_round_that_only_hurts_dev_keeps_round_k_minus_1(tmp_path, monkeypatch):
+    from align import validation
+
+    calls = []
+
+    def fake_evaluate(policy, items, **kw):
+        calls.append(1)
+        return {"wer": 0.2 if len(calls) == 1 else 0.9, "sim": 0.8, "n": 3}, []
+
+    monkeypatch.setattr("eval.evaluate.evaluate_policy", fake_evaluate)
+    monkeypatch.setattr(validation, "dev_items", lambda ctx, n: [None] * 3)
+    ctx = _round_one(tmp_path, ["dpo.steps=4", "dpo.learning_rate=1e-2", "train.validate_every=2"])
+    stats = methods.train(ctx, 1)
+    assert stats["chosen_step"] == 0 and not _changed(ctx)
+
+
+def test_stray_folders_beside_trainer_checkpoints_are_ignored(tmp_path):
+    (tmp_path / "checkpoint-foo").mkdir()
+    (tmp_path / "checkpoint-12.bak").mkdir()
+    for step in (4, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-20").mkdir()  # cut off mid-save: removed
+    assert [p.name for p in methods.complete_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-12"]
+    assert (tmp_path / "checkpoint-foo").is_dir() and not (tmp_path / "checkpoint-20").exists()

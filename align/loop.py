@@ -9,15 +9,16 @@ reward_bon, grpo, coh). Older run directories, where it was called 'dpo', are re
 After every finished round, ``metrics.jsonl`` is rebuilt from the rounds' own summary files, so it
 never holds a duplicate row after a resume.
 
-Under ``accelerate launch --num_processes N`` every rank walks the same plan: ``sample`` and ``evaluate``
-split their utterances across ranks and gather them to rank 0, ``train`` and ``base`` train data-parallel,
-``pair`` runs on rank 0 alone, and rank 0 alone writes ``state.json`` and ``metrics.jsonl``, with a barrier
-after every stage (align/dist.py). A rank that dies makes the launcher stop the others; the same command
+Under ``accelerate launch --num_processes N`` every rank walks the same plan: ``sample``, ``evaluate`` and
+the pair stage's judging split their items across ranks and gather them to rank 0, ``train`` and ``base``
+train data-parallel, and rank 0 alone writes ``state.json``, ``metrics.jsonl`` and every stage's folder,
+with a barrier after every stage (align/dist.py). A rank that dies makes the launcher stop the others; the same command
 resumes the run at its first unfinished stage.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -31,8 +32,9 @@ log = logging.getLogger("speechalign")
 
 ROUND_STAGES = ("sample", "pair", "train", "evaluate")
 STAGE_FNS = {"sample": stages.sample, "pair": stages.pair, "train": methods.train, "evaluate": stages.evaluate}
-# Stages whose work is one process's: the others wait at the barrier after them.
-MAIN_ONLY_STAGES = frozenset({"pair"})
+# Stages whose work is one process's: the others wait at the barrier after them. (None today: the pair stage
+# shares its judging out, as sample and evaluate share theirs.)
+MAIN_ONLY_STAGES: frozenset[str] = frozenset()
 # Each stage's seed offset, fixed per name: adding a stage moves no other stage's seed. (The values
 # are the ones the earlier rule -- the index in the sorted stage names -- gave, so results match.)
 STAGE_SEED_OFFSETS = {"train": 0, "evaluate": 1, "pair": 2, "sample": 3}
@@ -79,12 +81,19 @@ def run_loop(cfg: RunConfig, only_stage: str | None = None, stop_after: str | No
             continue
         if run.done(k, name) and only_stage is None:
             continue
+        reads = run.policy_dir(k if name in ("base", "evaluate") else k - 1)
+        if name != "base" and (reads / "speechalign.json").is_file():
+            ctx.check_codec(reads)  # its tokens and the run's golden tokens must index one codebook
         seed_everything(stage_seed(cfg.seed, k, name))
         log.info("round %d: %s", k, name)
         t0 = time.time()
         if name not in MAIN_ONLY_STAGES or run.ranks.is_main:
             fn(ctx, k)
         run.mark_done(k, name, time.time() - t0)
+        if run.ranks.is_main:  # its finished batches, and any a later stage of the round kept from other inputs
+            stages_of_round = list(ROUND0_STAGES) if k == 0 else list(ROUND_STAGES)
+            for later in stages_of_round[stages_of_round.index(name):]:
+                shutil.rmtree(run.partial_dir(k, later), ignore_errors=True)
         if name == "evaluate" and run.ranks.is_main:
             write_metrics(run)
         if stop_after == f"{k}:{name}":

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from align.pairs import PAIR_STRATEGIES
-from models.codec import prompt_frames
-from models.io import atomic_dir, read_jsonl, write_jsonl
+from models.io import BatchStore, atomic_dir, read_jsonl, write_jsonl
 
 if TYPE_CHECKING:
+    import torch
+
     from align.run import Context
 
 log = logging.getLogger("speechalign.stages")
@@ -60,9 +61,14 @@ def sample(ctx: "Context", k: int) -> dict:
     policy = Policy.load(ctx.run.policy_dir(k - 1), device=ctx.device)
     texts = [u.text for u in subset]
     seed = cfg.seed * 1000 + k
+    store = BatchStore(ctx.run.partial_dir(k, "sample"))  # finished batches survive a crash
     t0 = time.time()
     mine = []  # (start, samples of the batch's utterances) for this rank's batches
     for start, stop in tqdm(ctx.ranks.batches(len(subset), scfg.batch_size), desc="sampling", leave=False):
+        done = store.get(f"{start}-{stop}")
+        if done is not None:
+            mine.append((start, done))
+            continue
         batch_prompts = [ctx.codes(p) for p in prompts[start:stop]]  # this rank's batches' prompts only
         kw = dict(top_k=scfg.top_k, batch_size=stop - start)
         if scfg.varied:  # one generate() per sample index, each with its own (temperature, top_p)
@@ -77,6 +83,7 @@ def sample(ctx: "Context", k: int) -> dict:
             outs = policy.generate(texts[start:stop], batch_prompts, n=scfg.n, temperature=scfg.temperature,
                                    top_p=scfg.top_p, seed=seed + start, **kw)
         mine.append((start, [[c.tolist() for c in o] for o in outs]))
+        store.put(f"{start}-{stop}", mine[-1][1])
     seconds = ctx.ranks.gather([time.time() - t0])
     rows = []
     for start, outs in sorted(ctx.ranks.gather(mine), key=lambda part: part[0]):
@@ -98,14 +105,16 @@ def sample(ctx: "Context", k: int) -> dict:
 
 
 def pair(ctx: "Context", k: int) -> dict:
-    """Samples -> preference pairs (recorded with scores; filtered pairs kept with keep=false)."""
-    from models.layout import format_of
+    """Samples -> preference pairs (recorded with scores; filtered pairs kept with keep=false). Every rank runs it
+    (the judging of ranked samples is shared out); rank 0 writes the folder."""
+    from models.codec_lm import conditioning, read_meta
+    from models.layout import format_for
 
     cfg = ctx.cfg
-    fmt = format_of(ctx.run.policy_dir(k - 1))  # the layout of the policy that is being aligned
+    meta = read_meta(ctx.run.policy_dir(k - 1))  # the policy being aligned: its layout, prompt length, hint
+    fmt = format_for(meta)
     rows = read_jsonl(ctx.run.samples_dir(k) / "samples.jsonl")
     pairs = PAIR_STRATEGIES[cfg.pair.strategy](ctx, k, rows)
-    n_prompt = prompt_frames(cfg.policy.prompt_seconds, ctx.codec.frame_rate)
     # prompts of every split: human pairs are of evaluated (test) clips, the others of training texts
     by_id = {u.id: u for split in (ctx.splits.train, ctx.splits.dev, ctx.splits.test) for u in split}
     kept = [p for p in pairs if p["keep"]]
@@ -115,9 +124,8 @@ def pair(ctx: "Context", k: int) -> dict:
             p["keep"] = id(p) in keep_ids
         kept = [p for p in pairs if p["keep"]]
     for p in pairs:
-        prompt_codes = ctx.codes(by_id[p["prompt_id"]])[0, :n_prompt]
         p["round"] = k
-        p["prompt"] = fmt.prompt_str(prompt_codes, p["text"])
+        p["prompt"] = conditioning(meta, prompt_codes_of(ctx, p, by_id), p["text"], ctx.codec.frame_rate)
         p["chosen"] = fmt.completion_str(p["chosen_codes"])
         p["rejected"] = fmt.completion_str(p["rejected_codes"])
     if not kept:
@@ -144,24 +152,65 @@ def pair(ctx: "Context", k: int) -> dict:
     gaps = [p["scores"]["gap"] for p in kept if "gap" in p["scores"]]
     if gaps:
         stats["mean_score_gap"] = float(np.mean(gaps))
-    with atomic_dir(ctx.run.pairs_dir(k)) as tmp:
-        write_jsonl(tmp / "pairs.jsonl", pairs)
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+    if ctx.ranks.is_main:  # every rank judged its share of the samples (pairs.score_samples); rank 0 writes
+        with atomic_dir(ctx.run.pairs_dir(k)) as tmp:
+            write_jsonl(tmp / "pairs.jsonl", pairs)
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     log.info("round %d pair: %d pairs kept, %d dropped", k, stats["pairs"], stats["dropped"])
     return stats
 
 
-def eval_items(ctx: "Context", test=None):
-    """The fixed evaluation set: test utterances with their voice prompts (same across rounds)."""
+def prompt_codes_of(ctx: "Context", p: dict, by_id: dict) -> "torch.Tensor":
+    """A pair's voice prompt codes [n_q, Tp]: its ``prompt_id`` in this run's data, else (human pairs judged in
+    another run) the recording at its ``prompt_audio``, encoded with this run's codec; else a ValueError."""
+    if p["prompt_id"] in by_id:
+        return ctx.codes(by_id[p["prompt_id"]])
+    audio = p.get("prompt_audio")
+    if audio and Path(audio).is_file():
+        from models.audio import load_audio
+
+        return ctx.codec.encode(load_audio(audio, ctx.codec.sample_rate, ctx.cfg.data.max_seconds))
+    raise ValueError(f"pair of {p['id']} ({p.get('source', '?')}): its voice prompt {p['prompt_id']!r} is not an "
+                     f"utterance of this run's data and its recording ({audio or 'none given'}) is not on this "
+                     "machine; judge clips of this run (or of a run over the same data), or drop these pairs")
+
+
+def eval_items(ctx: "Context", test=None, n: int | None = None, seed: int | None = None):
+    """The fixed evaluation set: test utterances (or ``test``, e.g. dev) with voice prompts from the same pool,
+    ``n`` of them (default ``eval.max_utterances``) drawn under ``seed`` (default the run's): the same every round."""
     from eval.evaluate import EvalItem
 
-    test = ctx.splits.test if test is None else test
-    items = round_subset(test, ctx.cfg.eval.max_utterances, ctx.cfg.seed)
+    if test is None:
+        test = ctx.splits.dev if ctx.cfg.eval.split == "dev" else ctx.splits.test
+        if not test:
+            raise ValueError(f"eval.split={ctx.cfg.eval.split}: that split is empty")
+    items = round_subset(test, ctx.cfg.eval.max_utterances if n is None else n, ctx.cfg.seed if seed is None else seed)
     out = []
     for u in items:
         p = ctx.prompt_for(u, test, min_seconds=ctx.cfg.eval.prompt_min_seconds)
         out.append(EvalItem(u.id, u.text, u.speaker, u.audio, p.audio, prompt_codes=ctx.codes(p), prompt_id=p.id))
     return out
+
+
+def eval_store(ctx: "Context", policy_dir: Path, items: list) -> BatchStore:
+    """Where an evaluation keeps its finished batches: a folder of the cache named by everything its rows depend
+    on (the policy directory's files, the items and their prompts, the ``eval:`` section, the seed, the data's
+    length cap). So a killed evaluation resumes at its first unfinished batch, and the same policy scored again on
+    the same items (every variant of a study at round 0) reads the rows instead of speaking them again."""
+    import hashlib
+
+    from align.config import config_to_dict
+
+    h = hashlib.sha1()
+    for f in sorted(Path(policy_dir).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(policy_dir)).encode())
+            h.update(f.read_bytes())
+    ecfg = dict(config_to_dict(ctx.cfg)["eval"], gap_utterances=None, save_audio=None, extra_sets=None)
+    h.update(json.dumps({"eval": ecfg, "seed": ctx.cfg.seed, "max_seconds": ctx.cfg.data.max_seconds,
+                         "items": [(it.id, it.text, it.audio, it.prompt_id) for it in items]},
+                        sort_keys=True, default=str).encode())
+    return BatchStore(Path(ctx.cfg.cache_dir) / "evals" / h.hexdigest()[:20])
 
 
 def gap_items(ctx: "Context") -> list[tuple]:
@@ -203,7 +252,8 @@ def evaluate(ctx: "Context", k: int) -> dict:
                 temperature=ecfg.temperature, top_k=ecfg.top_k, top_p=ecfg.top_p, seed=ctx.cfg.seed + 7,
                 batch_size=ecfg.batch_size, save_audio_dir=None if out is None else out / "audio",
                 save_n=ecfg.save_audio, max_seconds=ctx.cfg.data.max_seconds,
-                batches=ranks.batches(len(items), ecfg.batch_size), gather=ranks.gather)
+                batches=ranks.batches(len(items), ecfg.batch_size), gather=ranks.gather,
+                store=eval_store(ctx, ctx.run.policy_dir(k), items))
             if out is None:
                 continue
             # The item set is fixed, so the same first save_audio ids have audio every round (an empty
@@ -236,6 +286,7 @@ def evaluate(ctx: "Context", k: int) -> dict:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("round %d eval: WER %.3f SIM %.3f %s(n=%d)%s", k, summary["wer"], summary["sim"],
              "".join(f"{q} {summary[q]:.3f} " for q in ("dnsmos", "utmos") if summary.get(q) is not None), summary["n"],
-             f"; gap AUC {summary['gap_auc']:.3f} log-p margin {summary['gap_logp_margin']:+.3f}"
+             f"; gap AUC {summary['gap_auc']:.3f} log-p margin "
+             f"{float('nan') if summary['gap_logp_margin'] is None else summary['gap_logp_margin']:+.3f}"
              if summary.get("gap_auc") is not None else "")
     return summary

@@ -71,6 +71,20 @@ class PocketSphinxASR:
         # estimate before every utterance (~0.1 ms) makes each transcript a function of its audio.
         self._cmn_init = self._decoder.get_cmn()
 
+    def _pool(self):
+        """The decoding processes, started once and reused by every call (a start costs ~2 s of imports, which a
+        stage that scores in batches would otherwise pay per batch); shut down with this object."""
+        if getattr(self, "_executor", None) is None:
+            import weakref
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
+
+            # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                                 initializer=_init_worker, initargs=(self.model_dir,))
+            weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+        return self._executor
+
     def _decode(self, wav: np.ndarray) -> str:
         pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
         # full_utt=True decodes the whole utterance at once with batch cepstral mean
@@ -99,16 +113,10 @@ class PocketSphinxASR:
         todo = [i for i in range(len(wavs)) if i not in set(degenerate)]
         out = [""] * len(wavs)
         if self.workers > 1 and len(todo) >= 4 * self.workers:
-            from concurrent.futures import ProcessPoolExecutor
-            from multiprocessing import get_context
-
             chunks = [todo[j::self.workers] for j in range(self.workers)]
-            # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork
-            with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                     initializer=_init_worker, initargs=(self.model_dir,)) as pool:
-                for chunk, hyps in zip(chunks, pool.map(_worker_decode, [[wavs[i] for i in c] for c in chunks])):
-                    for i, h in zip(chunk, hyps):
-                        out[i] = h
+            for chunk, hyps in zip(chunks, self._pool().map(_worker_decode, [[wavs[i] for i in c] for c in chunks])):
+                for i, h in zip(chunk, hyps):
+                    out[i] = h
         else:
             for i in todo:
                 out[i] = self._decode(wavs[i])

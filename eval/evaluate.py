@@ -8,6 +8,7 @@ non-intrusive MOS proxy per utterance (DNSMOS P.808 by default, ``eval.quality``
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from models.audio import load_audio, save_audio
 from models.data import batch_slices
+from models.io import BatchStore
 
 if TYPE_CHECKING:
     from eval.scorers import EvalConfig, Scorers
@@ -48,70 +50,83 @@ def item_seed(seed: int, item_id: str) -> int:
 def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temperature: float, top_k: int,
                     top_p: float, seed: int, batch_size: int, save_audio_dir: Path | None = None, save_n: int = 0,
                     max_seconds: float | None = None, batches: list[tuple[int, int]] | None = None,
-                    gather: Callable[[list], list] | None = None) -> tuple[dict, list[dict]]:
+                    gather: Callable[[list], list] | None = None, quality: bool = True,
+                    store: BatchStore | None = None) -> tuple[dict, list[dict]]:
     """Synthesise and score every item with ``scorers`` (``eval.scorers.build_scorers``).
 
     Items are spoken in batches of ``batch_size`` cut from the whole list; batch [start, stop) samples
-    under ``seed + start`` and each utterance renders under ``item_seed(seed, id)``. Several processes
-    share the work by passing ``batches`` (the (start, stop) slices this one speaks, default all of them)
-    and ``gather`` (every process's rows, concatenated, on every process; e.g. ``align.dist.Ranks.gather``):
-    the result is the one a single process gives.
+    under ``seed + start`` and each utterance renders under ``item_seed(seed, id)``. Each batch is spoken,
+    rendered and scored before the next, and kept in ``store`` (``models.io.BatchStore``) when one is given, so a
+    crash loses at most one batch. Several processes share the work by passing ``batches`` (the (start, stop)
+    slices this one speaks, default all of them) and ``gather`` (every process's rows, concatenated, on every
+    process; e.g. ``align.dist.Ranks.gather``): the result is the one a single process gives.
 
     Returns (summary, rows): summary has corpus WER, mean SIM, the mean of each quality score (over
     the utterances it could score; NaN ones, i.e. silent outputs, are counted in ``quality_unscored``),
     counts and timings (of this process); rows one dict per utterance in item order (id, text, speaker,
     hypothesis, wer, sim, duration, n_frames, codes: the RVQ-1 tokens spoken, and the quality model's
     keys, e.g. ``dnsmos``). The first ``save_n`` utterances' audio goes to ``save_audio_dir`` when given.
+    ``quality=False`` skips the quality model (WER and SIM only).
     """
     from tqdm import tqdm
 
     from eval.asr import corpus_wer
 
     codec = policy.codec
+    store = store or BatchStore(None)
+    audio_dir = None if store.folder is None else store.folder / "audio"
     if batches is None:
         batches = batch_slices(len(items), batch_size)
-    t0 = time.time()
-    index: list[int] = []
-    samples, prompts = [], []
-    for start, stop in tqdm(batches, desc="speaking", leave=False):
+    quality_model = scorers.quality if quality else None
+    seconds = dict.fromkeys(("generate", "render", "asr", "sim", "quality"), 0.0)
+    rows: list[dict] = []
+    for start, stop in tqdm(batches, desc="evaluating", leave=False):
+        done = store.get(f"{start}-{stop}")
+        if done is not None:
+            rows += done
+            continue
         part = items[start:stop]
+        t0 = time.time()
         for it in part:
             if it.prompt_codes is None:
                 it.prompt_codes = codec.encode(load_audio(it.prompt_audio, codec.sample_rate, max_seconds))
-        samples += policy.generate([it.text for it in part], [it.prompt_codes for it in part], n=1,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + start,
-                                   batch_size=stop - start)
-        prompts += [it.prompt_codes for it in part]
-        index += list(range(start, stop))
-    mine = [items[i] for i in index]
-    t_gen = time.time() - t0
-
-    t0 = time.time()
-    wavs = []
-    for it, s, p in tqdm(list(zip(mine, samples, prompts)), desc="rendering", leave=False):
-        torch.manual_seed(item_seed(seed, it.id))  # a stochastic renderer (flow, sampled NAR) draws its own noise
-        wavs.append(policy.render(s[0], p))
-    t_render = time.time() - t0
-
-    t0 = time.time()
-    wers, hyps = scorers.wer(wavs, codec.sample_rate, [it.text for it in mine])
-    t_asr = time.time() - t0
-    t0 = time.time()
-    refs = [load_audio(it.audio, scorers.speaker.sample_rate, max_seconds) for it in mine]
-    sims = scorers.sim(wavs, codec.sample_rate, refs)
-    t_sim = time.time() - t0
-    t0 = time.time()
-    quality = scorers.quality
-    scores = scorers.quality_scores(wavs, codec.sample_rate)
-    t_quality = time.time() - t0
-
-    rows = []
-    for i, it, s, w, h, wer, sim, q in zip(index, mine, samples, wavs, hyps, wers, sims, scores):
-        rows.append({"id": it.id, "text": it.text, "speaker": it.speaker, "hypothesis": h, "wer": wer,
-                     "sim": float(sim), "duration": len(w) / codec.sample_rate,
-                     "n_frames": int(policy.format.frames(s[0]).numel()),
-                     "codes": s[0].tolist(), "prompt_id": it.prompt_id, **q,
-                     "_index": i, "_wav": w if i < save_n and len(w) else None})
+        samples = policy.generate([it.text for it in part], [it.prompt_codes for it in part], n=1,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + start,
+                                  batch_size=stop - start)
+        seconds["generate"] += time.time() - t0
+        t0 = time.time()
+        wavs = []
+        for it, s in zip(part, samples):
+            torch.manual_seed(item_seed(seed, it.id))  # a stochastic renderer (flow, sampled NAR) draws its own noise
+            wavs.append(policy.render(s[0], it.prompt_codes))
+        seconds["render"] += time.time() - t0
+        t0 = time.time()
+        wers, hyps = scorers.wer(wavs, codec.sample_rate, [it.text for it in part])
+        seconds["asr"] += time.time() - t0
+        t0 = time.time()
+        refs = [load_audio(it.audio, scorers.speaker.sample_rate, max_seconds) for it in part]
+        sims = scorers.sim(wavs, codec.sample_rate, refs)
+        seconds["sim"] += time.time() - t0
+        t0 = time.time()
+        scores = scorers.quality_scores(wavs, codec.sample_rate) if quality_model is not None else [{} for _ in wavs]
+        seconds["quality"] += time.time() - t0
+        part_rows = []
+        for i, it, s, w, h, wer, sim, q in zip(range(start, stop), part, samples, wavs, hyps, wers, sims, scores):
+            row = {"id": it.id, "text": it.text, "speaker": it.speaker, "hypothesis": h, "wer": wer,
+                   "sim": float(sim), "duration": len(w) / codec.sample_rate,
+                   "n_frames": int(policy.format.frames(s[0]).numel()),
+                   "codes": s[0].tolist(), "prompt_id": it.prompt_id, **{k: float(v) for k, v in q.items()},
+                   "_index": i, "_wav": None}
+            if i < save_n and len(w):
+                if audio_dir is not None:  # kept with the batch: a resumed stage still has it
+                    save_audio(audio_dir / f"{it.id}.wav", w, codec.sample_rate)
+                    row["_wav"] = str(audio_dir / f"{it.id}.wav")
+                else:
+                    row["_wav"] = w
+            part_rows.append(row)
+        if audio_dir is not None:
+            store.put(f"{start}-{stop}", part_rows)
+        rows += part_rows
     if gather is not None:
         rows = gather(rows)
     rows.sort(key=lambda r: r["_index"])
@@ -119,7 +134,12 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
         w = r.pop("_wav")
         r.pop("_index")
         if save_audio_dir is not None and w is not None:
-            save_audio(Path(save_audio_dir) / f"{r['id']}.wav", w, codec.sample_rate)
+            target = Path(save_audio_dir) / f"{r['id']}.wav"
+            if isinstance(w, str):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(w, target)
+            else:
+                save_audio(target, w, codec.sample_rate)
     summary = {
         "wer": corpus_wer([r["text"] for r in rows], [r["hypothesis"] for r in rows]),
         "wer_mean": float(np.mean([r["wer"] for r in rows])),
@@ -127,14 +147,13 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
         "n": len(rows),
         "empty_outputs": sum(1 for r in rows if r["n_frames"] == 0),
         "mean_duration": float(np.mean([r["duration"] for r in rows])),
-        "seconds": {"generate": round(t_gen, 2), "render": round(t_render, 2), "asr": round(t_asr, 2),
-                    "sim": round(t_sim, 2), "quality": round(t_quality, 2)},
+        "seconds": {key: round(v, 2) for key, v in seconds.items()},
     }
-    if quality is not None:
-        for key in quality.keys:
+    if quality_model is not None:
+        for key in quality_model.keys:
             vals = np.array([r[key] for r in rows], dtype=np.float64)
             summary[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
-        summary["quality_unscored"] = int(sum(not np.isfinite(r[quality.keys[0]]) for r in rows))
+        summary["quality_unscored"] = int(sum(not np.isfinite(r[quality_model.keys[0]]) for r in rows))
     return summary, rows
 
 

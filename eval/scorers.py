@@ -28,6 +28,9 @@ class EvalConfig:
     """How each round's policy is scored on the test split."""
 
     max_utterances: int = field(default=0, metadata={"help": "test utterances scored (a fixed subset); 0 = all"})
+    split: Literal["test", "dev"] = field(default="test", metadata={
+        "help": "the split every round is scored on: test (what a run reports) or dev (what a study chooses "
+                "settings on; `speechalign study --final test` then scores the chosen ones on test once)"})
     asr: AsrName = field(default="pocketsphinx", metadata={"help": "ASR backend for WER: pocketsphinx (embedded) or whisper"})
     asr_model: str | None = field(default=None, metadata={
         "help": "whisper: hub id (already cached) or local folder, e.g. openai/whisper-large-v3; "
@@ -62,6 +65,8 @@ class EvalConfig:
                 "seeded subset sampled from every round's policy; 0 = off"})
 
     def __post_init__(self):
+        if self.split not in ("test", "dev"):
+            raise ValueError(f"eval.split={self.split!r}: choose test or dev")
         if self.max_utterances < 0 or self.batch_size < 1:
             raise ValueError("eval.max_utterances >= 0 and eval.batch_size >= 1 are required")
         for key, choices in (("asr", AsrName), ("speaker", SpeakerName), ("quality", QualityName)):

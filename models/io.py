@@ -3,6 +3,7 @@
     atomic_write_text(path, text)        temp file in the same folder, fsync, rename
     write_json / write_jsonl             the same, for JSON and JSON lines
     with atomic_dir(path) as tmp: ...     fill ``tmp``; on success it replaces ``path`` whole
+    BatchStore(folder)                   a stage's finished batches, kept across a crash
 """
 from __future__ import annotations
 
@@ -78,3 +79,37 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def write_jsonl(path: str | os.PathLike, rows) -> None:
     """One JSON object per line, atomically."""
     atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+class BatchStore:
+    """A stage's finished batches, one file each, kept across a crash so that a re-run reads them instead of
+    redoing them: a killed ``sample``, pair judging or ``evaluate`` loses at most the batch it was on.
+
+    ``get(key)`` -> the stored object or None; ``put(key, obj)`` writes it atomically (JSON; ``torch.save`` is
+    not needed: batches hold lists, numbers and strings). Keys are a batch's place in the stage's fixed item list
+    (``"0-32"``), so every process of a multi-process run writes its own files into one folder. ``folder=None``
+    stores nothing (tests, one-off evaluations). ``clear()`` once the stage's output is committed.
+    """
+
+    def __init__(self, folder: str | os.PathLike | None):
+        self.folder = Path(folder) if folder is not None else None
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def get(self, key: str):
+        if self.folder is None or not self._path(key).is_file():
+            return None
+        return json.loads(self._path(key).read_text())
+
+    def put(self, key: str, obj) -> None:
+        if self.folder is not None:
+            atomic_write_text(self._path(key), json.dumps(obj))
+
+    def sub(self, name: str) -> "BatchStore":
+        """A store for one part of the stage (an extra test set, the judging of one scorer)."""
+        return BatchStore(None if self.folder is None else self.folder / name)
+
+    def clear(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -279,10 +279,12 @@ def build_plan(cfg: RunConfig, gpus: int = 1, gpu_gb: float | None = None) -> Pl
         plan.warnings.append(f"the longest sequence (~{n_prompt_frames + text_tokens + speech_frames + overhead} "
                              f"tokens) exceeds dpo.max_length={cfg.dpo.max_length}: long pairs are truncated in DPO")
     if cfg.policy.pretrained:
+        from models.codec_lm import policy_dir_problems
+
         p = Path(cfg.policy.pretrained)
-        need = ["config.json", "speechalign.json", "nar", "codec"]
-        if not p.is_dir() or any(not (p / n).exists() for n in need):
-            plan.missing(f"policy.pretrained={p}: not a policy directory ({', '.join(need)} + weights)",
+        problems = policy_dir_problems(p)  # the run's own check (Policy.load), without loading weights
+        if problems:
+            plan.missing(f"policy.pretrained={p}: not a policy directory the run can load ({'; '.join(problems)})",
                          "put the base policy there (a round's policy/ folder from a run with policy.pretrained="
                          "null, which trains round 0 from data), or set policy.pretrained=null")
 

@@ -248,8 +248,16 @@ class Context:
     # -- codec -----------------------------------------------------------------------------------
     @cached_property
     def codec(self) -> Codec:
-        """The run's codec: fitted once per (codec config, training audio) and cached in cache_dir."""
+        """The run's codec: a started run's own (its round-0 policy's ``codec/``), ``policy.pretrained``'s, or one
+        fitted once per (codec config, training audio) and cached in cache_dir.
+
+        A run resumed on another machine, whose fit of the same config can differ (k-means on another CPU), so goes
+        on with the codebooks its policies were trained on instead of pairing their tokens with another codebook's.
+        """
         cfg = self.cfg
+        own = self.run.policy_dir(0) / "codec" if self.run is not None else None
+        if own is not None and (own / "codec.json").is_file():
+            return load_codec(own)
         if cfg.policy.pretrained:
             return load_codec(Path(cfg.policy.pretrained) / "codec")
         codec_cfg = config_to_dict(cfg)["codec"]
@@ -283,6 +291,18 @@ class Context:
         if "codec" in self.__dict__:  # built (or loaded from a pretrained policy): ask it
             return self.codec.sample_rate
         return codec_sample_rate(self.cfg.codec)
+
+    def check_codec(self, policy_dir: Path) -> None:
+        """Refuse a policy trained with another codec than the one this run encodes golden tokens with (their tokens
+        would index another codebook), naming both."""
+        from models.codec_lm import read_meta
+
+        theirs = read_meta(policy_dir).get("codec_identity")
+        if theirs is not None and theirs != self.codec.identity:
+            raise ValueError(f"{policy_dir} was trained with codec {theirs}, but this run encodes with "
+                             f"{self.codec.identity}: golden and policy tokens would come from different codebooks. "
+                             "Run it with the codec it was trained with (start it from that policy, "
+                             "policy.pretrained=<dir>), or train a new run")
 
     def golden_stream(self, utt: Utterance, fmt) -> torch.LongTensor:
         """The golden speech of ``utt`` in a sequence format's stream: RVQ-1 codes [T], or for the interleaved

@@ -643,7 +643,7 @@ def human_pairs(db_path: str | os.PathLike, run_dirs: list[str] | None = None) -
     ``run_dirs``: where to read rows from (default: the run paths stored with the judgments; see
     ``_resolver`` for how stored runs are matched). Rows without ``codes`` are skipped, logged.
 
-    Returns dicts: id, text, speaker, prompt_id, chosen_codes, rejected_codes: list[int], keep=True,
+    Returns dicts: id, text, speaker, prompt_id, prompt_audio (the voice prompt's recording), chosen_codes, rejected_codes: list[int], keep=True,
     scores {token_distance, length_ratio = len(rejected)/len(chosen) (as the other strategies), votes (for the
     winner), n_judgments}, source="human", judged {item, chosen, rejected (system labels), runs, rounds}.
     """
@@ -692,7 +692,7 @@ def human_pairs(db_path: str | os.PathLike, run_dirs: list[str] | None = None) -
             continue
         chosen, rejected = [int(t) for t in rw["codes"]], [int(t) for t in rl["codes"]]
         pairs.append({"id": uid, "text": rw.get("text"), "speaker": rw.get("speaker"), "prompt_id": rw.get("prompt_id"),
-                      "chosen_codes": chosen, "rejected_codes": rejected, "keep": True,
+                      "prompt_audio": rw.get("prompt_audio"), "chosen_codes": chosen, "rejected_codes": rejected, "keep": True,
                       "scores": {"token_distance": token_distance(chosen, rejected),
                                  "length_ratio": len(rejected) / max(1, len(chosen)),
                                  "votes": n_top, "n_judgments": len(cs)},

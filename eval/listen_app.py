@@ -262,7 +262,13 @@ def serve(run_dirs: list[str], rounds: list[int] | None = None, port: int = 8765
         log.warning("listen: serving on %s: the page has no login, anyone who reaches %s:%d can vote", host, host, port)
     log.info("listen: open http://%s:%d/ (judgments: %s)", host if ":" not in host else f"[{host}]", port,
              db_path or default_db_path(run_dirs[0]))
-    app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
+    if _is_loopback(host):  # this machine only: Flask's own server is enough
+        app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
+        return
+    # Raters beyond this machine: a production WSGI server, not Flask's development one (which says not to).
+    from waitress import serve as waitress_serve
+
+    waitress_serve(app, host=host, port=port, threads=8)
 
 
 def _rounds(text: str | None) -> list[int] | None:

@@ -160,3 +160,39 @@ def test_dry_run_names_the_launch_file_for_the_gpus():
     for name, path in LAUNCH_FILES.items():
         conf = yaml.safe_load((REPO_CONFIGS.parent / path).read_text())
         assert conf["distributed_type"] == kinds[name]
+
+
+def _phone_renderer_policy(folder):
+    """A tiny policy of the main job's kind: interleaved layout, a phone renderer instead of a NAR, 4-level codec."""
+    from models.codec import CodecConfig, MelRVQCodec
+    from models.codec_lm import Policy
+    from models.layout import build_tokenizer
+    from models.renderer import PhoneRenderer, RendererConfig
+    from tests.fakes import tiny_lm
+
+    tok = build_tokenizer(16)
+    codec = MelRVQCodec(CodecConfig(n_q=4, codebook_size=16, full_levels=4), torch.randn(4, 16, 80))
+    renderer = PhoneRenderer(RendererConfig(latent_dim=80, codebook_size=16, dim=16, layers=1, heads=2, ffn=32))
+    Policy(tiny_lm(len(tok)), tok, None, codec, {"prompt_seconds": 0.1, "max_seconds": 1.0, "frames_per_char": 1.0,
+                                                 "format": "interleaved", "max_frames_per_unit": 5},
+           renderer=renderer).save(folder)
+    return folder
+
+
+def test_dry_run_accepts_every_policy_the_run_accepts(no_weights, capsys, tmp_path):
+    """A phone-renderer policy has renderer/ and no nar/: the run loads it, so the dry run must accept it; a folder
+    the run would refuse (its renderer removed) is named with the run's own reason."""
+    import shutil
+
+    if shutil.which("flite") is None:
+        pytest.skip("flite not installed")
+    from models.codec_lm import policy_dir_problems
+
+    policy = _phone_renderer_policy(tmp_path / "policy")
+    assert policy_dir_problems(policy) == []
+    args = ["run", str(REPO_CONFIGS / "tiny.yaml"), "--dry-run", "--set", f"out_dir={tmp_path}",
+            "--set", f"policy.pretrained={policy}"]
+    assert main(args) == 0, capsys.readouterr().out
+    shutil.rmtree(policy / "renderer")
+    assert main(args) == 2
+    assert "renderer/ missing" in capsys.readouterr().out

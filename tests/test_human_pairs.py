@@ -68,3 +68,42 @@ def test_mixed_pools_golden_and_human_pairs(ci_run, ci_overrides, tmp_path):
     pairs = PAIR_STRATEGIES["mixed"](ctx, 1, rows)
     sources = [p["source"] for p in pairs]
     assert sources.count("golden_vs_synthetic") == len(rows) and sources.count("human") == len(items)
+
+
+def test_human_pairs_judged_in_another_run_are_resolved_or_refused_clearly(tmp_path, real_speech_dir):
+    """A judged clip's voice prompt is looked up in this run's data, else encoded from the recording its row names;
+    neither: a ValueError that says which pair and what to do (the CLI prints it as one line, exit 2)."""
+    import pytest
+
+    from align.stages import prompt_codes_of
+    from tests.fakes import FakeContext
+
+    ctx = FakeContext(tmp_path)
+    by_id = {u.id: u for u in ctx.splits.train}
+    assert prompt_codes_of(ctx, {"id": "x", "prompt_id": "u1"}, by_id).tolist() == ctx.codes(by_id["u1"]).tolist()
+    wav = real_speech_dir / "spk1_snt1.wav"
+    codes = prompt_codes_of(ctx, {"id": "x", "prompt_id": "elsewhere", "prompt_audio": str(wav)}, by_id)
+    assert codes.shape[0] == 1 and codes.shape[1] > 50
+    with pytest.raises(ValueError, match="not an utterance of this run's data"):
+        prompt_codes_of(ctx, {"id": "x", "prompt_id": "elsewhere", "prompt_audio": str(tmp_path / "gone.wav"),
+                              "source": "human"}, by_id)
+
+
+def test_human_pairs_spoken_with_another_codec_are_refused_naming_both(tmp_path):
+    import json
+
+    import pytest
+
+    from align.pairs import _check_judged_codecs
+    from tests.fakes import FakeContext
+
+    ctx = FakeContext(tmp_path / "ours")
+    meta = tmp_path / "theirs" / "round_002" / "policy" / "speechalign.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"codec_identity": "mel_rvq-other-codebooks"}))
+    pairs = [{"judged": {"runs": [str(tmp_path / "theirs")], "rounds": [2]}}]
+    with pytest.raises(ValueError, match="mel_rvq-other-codebooks") as e:
+        _check_judged_codecs(ctx, pairs)
+    assert ctx.codec.identity in str(e.value)
+    meta.write_text(json.dumps({"codec_identity": ctx.codec.identity}))
+    _check_judged_codecs(ctx, pairs)

@@ -445,3 +445,19 @@ def test_human_pairs_majority_ties_skipped_codes_as_chosen_rejected(tmp_path, ca
     shutil.rmtree(run)
     assert [p["id"] for p in listen.human_pairs(tmp_path / "j.sqlite", [str(moved)])] == ["u1", "u4", "u5"]
     assert listen.human_pairs(tmp_path / "j.sqlite", [str(tmp_path / "other")]) == []
+
+
+def test_listening_beyond_loopback_is_served_by_waitress_not_flasks_dev_server(tmp_path, monkeypatch):
+    """Flask's development server says it is not for production; raters beyond this machine get waitress."""
+    import flask
+    import waitress
+
+    from eval import listen_app
+
+    run = make_run(tmp_path)
+    served = []
+    monkeypatch.setattr(waitress, "serve", lambda app, host, port, threads: served.append(("waitress", host, port)))
+    monkeypatch.setattr(flask.Flask, "run", lambda self, host, port, **kw: served.append(("flask", host, port)))
+    listen_app.serve([str(run)], rounds=[0, 1], port=8123, host="0.0.0.0", db_path=str(tmp_path / "j.sqlite"))
+    listen_app.serve([str(run)], rounds=[0, 1], port=8124, host="127.0.0.1", db_path=str(tmp_path / "j.sqlite"))
+    assert served == [("waitress", "0.0.0.0", 8123), ("flask", "127.0.0.1", 8124)]

@@ -190,3 +190,25 @@ def test_stage_seeds_do_not_move_when_stages_are_added():
     assert [stage_seed(0, 1, s) for s in ("train", "evaluate", "pair", "sample")] == [101, 102, 103, 104]
     assert stage_seed(3, 2, "pair") == 3 * 7919 + 2 * 101 + 2 and stage_seed(3, 0, "base") == 3
     assert len(set(STAGE_SEED_OFFSETS.values())) == len(STAGE_SEED_OFFSETS)
+
+
+def test_a_started_run_encodes_with_its_own_codec_and_refuses_a_policy_of_another(tmp_path):
+    """A run resumed where the codec fit differs goes on with the codebooks its policies were trained with; a policy
+    trained with another codec is refused with both identities named."""
+    from align.run import Context, RunDir
+    from models.codec import CodecConfig, MelRVQCodec
+
+    cfg = load_config(CI_CONFIG, [f"out_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "name=resumed"])
+    run = RunDir(cfg)
+    ours = MelRVQCodec(CodecConfig(n_q=4, codebook_size=64), torch.randn(4, 64, 80, generator=torch.Generator().manual_seed(1)))
+    ours.save(run.policy_dir(0) / "codec")
+    ctx = Context(cfg, run)
+    assert ctx.codec.identity == ours.identity  # read from round 0, not fitted (no corpus was built)
+    other = MelRVQCodec(CodecConfig(n_q=4, codebook_size=64), torch.randn(4, 64, 80))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "speechalign.json").write_text(json.dumps({"codec_identity": other.identity}))
+    with pytest.raises(ValueError) as e:
+        ctx.check_codec(tmp_path / "other")
+    assert other.identity in str(e.value) and ours.identity in str(e.value)
+    (tmp_path / "other" / "speechalign.json").write_text(json.dumps({"codec_identity": ours.identity}))
+    ctx.check_codec(tmp_path / "other")

@@ -83,7 +83,7 @@ def test_policy_save_load_round_trip(tok, tmp_path):
     ids = torch.tensor([[2, 4, 5, 6]])
     assert torch.allclose(policy.lm(ids).logits, again.lm(ids).logits)
     assert again.codec.identity == policy.codec.identity
-    with pytest.raises(ValueError, match="not a speechalign policy"):
+    with pytest.raises(ValueError, match="speechalign.json missing"):
         Policy.load(tmp_path)
 
 

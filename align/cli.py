@@ -96,6 +96,15 @@ def cmd_run(args) -> None:
         print(to_markdown(compare_runs([root])))
 
 
+def cmd_study(args) -> None:
+    from align.study import run_study
+
+    out = run_study(args.study, jobs=args.jobs, print_commands=args.print_commands, final=args.final,
+                    variants=args.variants)
+    if out is not None:
+        print(out.read_text())
+
+
 def cmd_base(args) -> None:
     from align.config import load_config
     from align.loop import run_base
@@ -252,6 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-gb", type=float, default=None,
                    help="--dry-run: memory per GPU in GB (default: the visible GPU, else 80)")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("study", help="variants x seeds as runs, scored on dev every round; one table with CIs, paired "
+                                     "tests and Holm (configs/studies/)")
+    p.add_argument("study", help="study YAML (align/study.py documents its keys)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (separate processes)")
+    p.add_argument("--print-commands", action="store_true",
+                   help="print one `speechalign run` line per run (for a cluster's scheduler) and stop")
+    p.add_argument("--final", choices=["test"], default=None,
+                   help="score the --variants chosen on dev on the test split, once, and report them")
+    p.add_argument("--variants", nargs="+", default=None, help="with --final: the chosen variants")
+    p.set_defaults(fn=cmd_study)
 
     p = sub.add_parser("base", help="train only the base stage (round 0) of a config, e.g. --stage speechgpt")
     p.add_argument("config")

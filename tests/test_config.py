@@ -5,14 +5,29 @@ from align.config import RunConfig, load_config
 
 from .conftest import REPO
 
-# run configs; configs/accelerate/ holds accelerate launch files (tests/test_dryrun.py reads those)
-CONFIGS = sorted(p for p in (REPO / "configs").glob("**/*.yaml") if p.parent.name != "accelerate")
+# run configs; configs/accelerate/ holds accelerate launch files (tests/test_dryrun.py reads those), configs/studies/
+# study files (below)
+CONFIGS = sorted(p for p in (REPO / "configs").glob("**/*.yaml") if p.parent.name not in ("accelerate", "studies"))
+STUDIES = sorted((REPO / "configs" / "studies").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig) and cfg.name
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_every_shipped_study_loads_and_every_run_of_it_is_a_valid_config(path):
+    """A study's variants are only overrides: each of its runs must load (unknown keys, bad values fail here)."""
+    from align.study import load_study, plan
+
+    study = load_study(path)
+    specs = plan(study)
+    assert {s.variant for s in specs if s.variant} == set(study.variants)
+    for spec in specs:
+        cfg = load_config(REPO / spec.config, spec.overrides)
+        assert cfg.name == spec.name and cfg.eval.split == "dev"
 
 
 def test_shipped_configs_exist():
@@ -166,7 +181,7 @@ def test_scorers_of_pairing_rewards_and_evaluation_come_from_one_eval_section(tm
     assert pairs.SCORERS["sim"](ctx)(Batch()) == [0.5]
     monkeypatch.setattr(pairs, "SampleBatch", lambda ctx, k, rows: Batch())
     reward = methods._direct_reward(ctx, 1, policy=None, with_sim=True)  # GRPO's direct reward
-    assert reward(["p"], [[1, 2]], [{"utt_id": "u1", "prompt_id": "u0", "text": "hello"}]) == [0.5]
+    assert reward(["p"], [[1, 2]], [{"utt_id": "u1", "prompt_id": "u0", "text": "hello"}]) == [1.5]  # 1 - WER + SIM
     assert ctx.scorers is ctx.scorers                          # evaluation scores with ctx.scorers too
     # each backend built once, with the configured model, for all three users
     assert built == [("asr", {"model_dir": "/models/my-pocketsphinx"}), ("speaker", {"device": "cpu"})]

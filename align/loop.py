@@ -18,7 +18,6 @@ resumes the run at its first unfinished stage.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -90,10 +89,6 @@ def run_loop(cfg: RunConfig, only_stage: str | None = None, stop_after: str | No
         if name not in MAIN_ONLY_STAGES or run.ranks.is_main:
             fn(ctx, k)
         run.mark_done(k, name, time.time() - t0)
-        if run.ranks.is_main:  # its finished batches, and any a later stage of the round kept from other inputs
-            stages_of_round = list(ROUND0_STAGES) if k == 0 else list(ROUND_STAGES)
-            for later in stages_of_round[stages_of_round.index(name):]:
-                shutil.rmtree(run.partial_dir(k, later), ignore_errors=True)
         if name == "evaluate" and run.ranks.is_main:
             write_metrics(run)
         if stop_after == f"{k}:{name}":

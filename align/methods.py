@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from align.training import sft_steps
-from models.codec import prompt_frames
 from models.io import read_jsonl, write_json
 from models.layout import format_for
 from models.optim import tail_mean

@@ -119,13 +119,19 @@ def score_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict[str, fl
     """Every configured scorer over every sample -> one ``{scorer: value}`` dict per row.
 
     The rows are cut into batches of ``JUDGE_BATCH`` dealt to the processes (as ``sample`` and ``evaluate``
-    deal theirs) and gathered; each finished batch is kept (``round_k/.partial/pair/``), so a crash loses at
-    most one batch of judging."""
+    deal theirs) and gathered; each finished batch is kept (``stages.content_store``), so a crash loses at most one
+    batch of judging."""
     from tqdm import tqdm
 
-    from models.io import BatchStore
+    from align.config import config_to_dict
+    from align.stages import content_store
 
-    store = BatchStore(ctx.run.partial_dir(k, "pair"))
+    # the run's judges and what they judge name the folder: the same samples judged again (a study's variants
+    # share round 1's) are read
+    store = content_store(ctx, "judge", ctx.run.policy_dir(k - 1), {
+        "eval": config_to_dict(ctx.cfg)["eval"], "scorers": list(ctx.cfg.pair.scorers),
+        "max_seconds": ctx.cfg.data.max_seconds,
+        "rows": [(r["id"], r["prompt_id"], r["text"], list(r["codes"])) for r in rows]})
     factories = [(name, SCORERS[name](ctx)) for name in ctx.cfg.pair.scorers]
     for name, scorer in factories:
         if scorer is None:

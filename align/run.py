@@ -100,7 +100,7 @@ class RunDir(RunLayout):
         if path.exists():
             # Keys added to the config since the run started take their defaults, so a code update that
             # adds an option does not strand existing runs.
-            saved = _with_defaults(yaml.safe_load(path.read_text()), config_to_dict(RunConfig()))
+            saved = _with_defaults(yaml.safe_load(path.read_text()), config_to_dict(RunConfig()), RunConfig)
             diff = _diff(saved, current)
             if diff:
                 raise ValueError(
@@ -147,10 +147,18 @@ class RunDir(RunLayout):
 LEGACY_TRAIN_STAGE = "dpo"
 
 
-def _with_defaults(saved, defaults):
-    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+def _with_defaults(saved, defaults, section=None):
+    """The saved config with the keys added to the schema since it was written, at their defaults. Only sections
+    (dataclasses) are filled in key by key: a mapping-valued setting (``pair.weights``) is the saved one as it is."""
+    import dataclasses
+    import typing
+
+    if not isinstance(saved, dict) or not isinstance(defaults, dict) or section is None:
         return saved
-    out = {k: _with_defaults(saved[k], defaults.get(k)) for k in saved}
+    hints = typing.get_type_hints(section)
+    sub = {f.name: hints[f.name] if dataclasses.is_dataclass(hints.get(f.name)) else None
+           for f in dataclasses.fields(section)}
+    out = {k: _with_defaults(saved[k], defaults.get(k), sub.get(k)) for k in saved}
     out.update({k: v for k, v in defaults.items() if k not in saved})
     return out
 

@@ -52,6 +52,7 @@ def sample(ctx: "Context", k: int) -> dict:
     draws under ``seed + start``, so the samples are the same for any number of processes."""
     from tqdm import tqdm
 
+    from align.config import config_to_dict
     from models.codec_lm import Policy
 
     cfg, scfg = ctx.cfg, ctx.cfg.sample
@@ -61,7 +62,10 @@ def sample(ctx: "Context", k: int) -> dict:
     policy = Policy.load(ctx.run.policy_dir(k - 1), device=ctx.device)
     texts = [u.text for u in subset]
     seed = cfg.seed * 1000 + k
-    store = BatchStore(ctx.run.partial_dir(k, "sample"))  # finished batches survive a crash
+    # finished batches survive a crash, and the same policy sampled with the same settings is read
+    store = content_store(ctx, "samples", ctx.run.policy_dir(k - 1), {
+        "sample": config_to_dict(ctx.cfg)["sample"], "seed": seed, "prompts": [(u.id, p.id) for u, p in zip(subset, prompts)],
+        "max_seconds": cfg.data.max_seconds})
     t0 = time.time()
     mine = []  # (start, samples of the batch's utterances) for this rank's batches
     for start, stop in tqdm(ctx.ranks.batches(len(subset), scfg.batch_size), desc="sampling", leave=False):
@@ -192,25 +196,31 @@ def eval_items(ctx: "Context", test=None, n: int | None = None, seed: int | None
     return out
 
 
-def eval_store(ctx: "Context", policy_dir: Path, items: list) -> BatchStore:
-    """Where an evaluation keeps its finished batches: a folder of the cache named by everything its rows depend
-    on (the policy directory's files, the items and their prompts, the ``eval:`` section, the seed, the data's
-    length cap). So a killed evaluation resumes at its first unfinished batch, and the same policy scored again on
-    the same items (every variant of a study at round 0) reads the rows instead of speaking them again."""
+def content_store(ctx: "Context", kind: str, policy_dir: Path, what: dict) -> BatchStore:
+    """A stage's finished batches in a cache folder named by everything they depend on: the policy directory's files
+    and ``what`` (the items, the settings, the seeds). So a killed stage resumes at its first unfinished batch, and
+    the same policy run again on the same items with the same settings (every variant of a study at round 0 and in
+    round 1's sampling and judging) reads the batches instead of computing them again."""
     import hashlib
 
-    from align.config import config_to_dict
-
-    h = hashlib.sha1()
+    h = hashlib.sha1(kind.encode())
     for f in sorted(Path(policy_dir).rglob("*")):
         if f.is_file():
             h.update(str(f.relative_to(policy_dir)).encode())
             h.update(f.read_bytes())
+    h.update(json.dumps(what, sort_keys=True, default=str).encode())
+    return BatchStore(Path(ctx.cfg.cache_dir) / kind / h.hexdigest()[:20])
+
+
+def eval_store(ctx: "Context", policy_dir: Path, items: list) -> BatchStore:
+    """``content_store`` of an evaluation: the items and their prompts, the ``eval:`` section, the seed, the data's
+    length cap."""
+    from align.config import config_to_dict
+
     ecfg = dict(config_to_dict(ctx.cfg)["eval"], gap_utterances=None, save_audio=None, extra_sets=None)
-    h.update(json.dumps({"eval": ecfg, "seed": ctx.cfg.seed, "max_seconds": ctx.cfg.data.max_seconds,
-                         "items": [(it.id, it.text, it.audio, it.prompt_id) for it in items]},
-                        sort_keys=True, default=str).encode())
-    return BatchStore(Path(ctx.cfg.cache_dir) / "evals" / h.hexdigest()[:20])
+    return content_store(ctx, "evals", policy_dir, {
+        "eval": ecfg, "seed": ctx.cfg.seed, "max_seconds": ctx.cfg.data.max_seconds,
+        "items": [(it.id, it.text, it.audio, it.prompt_id) for it in items]})
 
 
 def gap_items(ctx: "Context") -> list[tuple]:

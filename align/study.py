@@ -10,8 +10,8 @@ rounds; the same policy scored again on the same items is read from the evaluati
 The table (Markdown + CSV + JSON + a plot per metric): per variant and round, WER and SIM pooled over the
 seeds with bootstrap CIs; paired tests on (seed, utterance id) of every round vs round 0 and of every
 variant vs the reference at each round; n and the test's name beside each p; Holm over every test of
-the study. ``--final test --variants A B`` then scores the chosen variants' rounds on the test split,
-once, and the results file records that this came after the dev table it was chosen on.
+the study. ``--final test --variants A B`` then scores the chosen variants' round 0 and last round on the test
+split, once, and the results file records that this came after the dev table it was chosen on.
 
     speechalign study configs/studies/efficacy.yaml                 # run what is missing, write the table
     speechalign study configs/studies/efficacy.yaml --jobs 2        # two runs at once
@@ -218,7 +218,9 @@ def study_tables(table: pd.DataFrame, metrics: list[str], reference: str, *, n_b
     vs_r0 = round_tests(table, metrics, n_boot=n_boot, seed=seed)
     vs_r0 = vs_r0[vs_r0["vs_round"] == 0]
     runs = [reference] + sorted(v for v in table["run"].unique() if v != reference)
-    vs_ref = run_tests(table, runs, metrics, rounds=[k for k in rounds if k > 0], n_boot=n_boot, seed=seed)
+    # variants that share round 0 differ from the reference from round 1 on; a study of round 0 alone compares there
+    later = [k for k in rounds if k > 0]
+    vs_ref = run_tests(table, runs, metrics, rounds=later or [0], n_boot=n_boot, seed=seed)
     return est, correct_tests(pd.concat([vs_r0, vs_ref], ignore_index=True), "holm")
 
 
@@ -304,8 +306,9 @@ def write_results(study: StudyConfig, specs: list[RunSpec], study_path: str) -> 
 
 
 def final_evaluation(study: StudyConfig, specs: list[RunSpec], variants: list[str], split: str = "test") -> None:
-    """Score every round of the chosen variants' runs on ``split`` (once: finished evaluations are cached) into
-    <run>/final/<split>/round_k/, and record in the study's state that this came after the dev table."""
+    """Score round 0 and the last round of the chosen variants' runs on ``split`` (once: finished evaluations are
+    cached; round 0 is one policy per seed) into <run>/final/<split>/round_k/, and record in the study's state that
+    this came after the dev table."""
     from align.config import load_config
     from align.run import Context, RunDir
     from align.stages import eval_items, eval_store
@@ -329,7 +332,7 @@ def final_evaluation(study: StudyConfig, specs: list[RunSpec], variants: list[st
         ctx = Context(cfg, run)
         items = eval_items(ctx, ctx.splits.test if split == "test" else ctx.splits.dev)
         ecfg = cfg.eval
-        for k in range(study.rounds + 1):
+        for k in sorted({0, study.rounds}):  # the comparisons reported: the last round vs round 0 and vs the others
             out = run.root / "final" / split / f"round_{k:03d}"
             if (out / "rows.jsonl").exists():
                 continue

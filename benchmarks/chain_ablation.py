@@ -17,18 +17,15 @@ so that only the renderer differs. Writes ``benchmarks/results/chain_ablation.{m
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, arg_parser  # noqa: E402  (the repository on sys.path, logging)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -55,7 +52,7 @@ def latent_mse(latents, golden, codec) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arg_parser(__doc__)
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--steps", type=int, default=300, help="flow optimiser steps per chain")
@@ -64,7 +61,6 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=32, help="test utterances rendered")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "chain_ablation"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     cfg = load_config(args.config, [f"cache_dir={ROOT / 'runs' / '_cache'}",

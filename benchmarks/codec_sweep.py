@@ -21,7 +21,6 @@ keeps its rows from the previous JSON, labelled with the invocation they came fr
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -33,8 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, arg_parser  # noqa: E402  (the repository on sys.path, logging)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -214,7 +212,7 @@ def markdown(result: dict, ran: set[str], n_test: int, config: str) -> list[str]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = arg_parser(__doc__)
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--part", choices=["all", "sweep", "seeds"], default="all",
@@ -222,7 +220,6 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "codec_sweep"))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(args.config, args.overrides)
     if cfg.codec.backend != "mel_rvq":
         raise SystemExit(f"codec_sweep measures the embedded mel_rvq codec; {args.config} has codec.backend="

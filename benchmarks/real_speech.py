@@ -16,18 +16,15 @@ script only measures the evaluators the loop relies on.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, arg_parser  # noqa: E402  (the repository on sys.path, logging)
 
 import numpy as np  # noqa: E402
 
@@ -55,13 +52,12 @@ def main() -> None:
     from eval.quality import DNSMOS
     from eval.speaker import build_speaker_encoder
 
-    parser = argparse.ArgumentParser()
+    parser = arg_parser(__doc__)
     parser.add_argument("--manifest", default=str(ROOT / "tests" / "data" / "real_speech" / "manifest.jsonl"))
     parser.add_argument("--ecapa", default=None, help="local speechbrain ECAPA folder (hyperparams.yaml + ckpts)")
     parser.add_argument("--wavlm", default=None, help="local WavLMForXVector folder")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_speech"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     utts, skips = load_manifest(args.manifest)
     if skips:

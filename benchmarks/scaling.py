@@ -18,7 +18,6 @@ nothing is read from elsewhere. No GPU part: this project's machines have none (
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,8 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, arg_parser  # noqa: E402  (the repository on sys.path, logging)
 
 log = logging.getLogger("speechalign.bench")
 
@@ -136,13 +134,12 @@ def sampler(run: Path, batch_size: int, repeats: int = 3) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arg_parser(__doc__)
     parser.add_argument("--run", default=str(ROOT / "runs" / "efficacy" / "dpo_s0"),
                         help="a finished run of configs/tiny.yaml (round-0 policy and round-1 pairs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling"))
     parser.add_argument("--parts", nargs="+", default=["loop", "dpo", "sampler"])
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

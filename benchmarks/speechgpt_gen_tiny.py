@@ -12,7 +12,6 @@ Writes ``benchmarks/results/speechgpt_gen_tiny.{md,json}``. A finished run is re
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -20,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, arg_parser  # noqa: E402  (the repository on sys.path, logging)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -44,12 +42,11 @@ def score(wav: np.ndarray, sr: int, text: str, reference: str, asr, speaker) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arg_parser(__doc__)
     parser.add_argument("--config", default=str(ROOT / "configs" / "speechgpt-gen-tiny.yaml"))
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speechgpt_gen_tiny"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     from models.audio import load_audio

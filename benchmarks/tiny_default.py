@@ -12,17 +12,14 @@ A finished run is resumed (nothing recomputed), so rerunning only re-measures co
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, arg_parser  # noqa: E402  (the repository on sys.path, logging)
 
 import torch  # noqa: E402
 
@@ -54,13 +51,12 @@ def sampler_throughput(ctx: Context, n_prompts: int, batch_size: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arg_parser(__doc__)
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tiny_default"))
     parser.add_argument("--sampler-prompts", type=int, default=32)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     cfg = load_config(args.config, args.set)
     t0 = time.time()

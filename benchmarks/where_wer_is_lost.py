@@ -19,17 +19,14 @@ Writes ``benchmarks/results/where_wer_is_lost.{md,json}``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, arg_parser  # noqa: E402  (the repository on sys.path, logging)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -48,7 +45,7 @@ def main() -> None:
     from models.codec_lm import Policy
     from models.rundir import RunLayout
 
-    parser = argparse.ArgumentParser()
+    parser = arg_parser(__doc__)
     parser.add_argument("--run", default=str(ROOT / "runs" / "tiny"))
     parser.add_argument("--round", type=int, default=0)
     parser.add_argument("--n", type=int, default=32, help="utterances per split")
@@ -58,7 +55,6 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or str(ROOT / "benchmarks" / "results" /
                                ("where_wer_is_lost" + ("_dev" if args.split == "dev" else "")))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     run = Path(args.run)

@@ -133,6 +133,24 @@ _WORKER_ASR: "PocketSphinxASR | None" = None
 def _init_worker(model_dir):
     global _WORKER_ASR
     _WORKER_ASR = PocketSphinxASR(model_dir, workers=1)
+    _exit_with_parent()
+
+
+def _exit_with_parent() -> None:
+    """A decoding process whose parent was killed (SIGKILL gives it no chance to shut its pool down) is re-parented;
+    it leaves then instead of waiting on a queue nobody writes to (seen: orphans spinning for half an hour)."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _worker_decode(wavs: list[np.ndarray]) -> list[str]:

@@ -65,7 +65,7 @@ class PolicyConfig:
     renderer: str = field(default="nar", metadata={
         "help": "what turns RVQ-1 into audio: nar (levels 2..n_q token by token, policy.nar_type) or phones (a "
                 "codec latent regressed from RVQ-1 and each frame's unit, then quantised; needs layout interleaved)"})
-    renderer_size: str = field(default="tiny", metadata={"help": "phones renderer size: tiny, base, paper"})
+    renderer_size: str = field(default="tiny", metadata={"help": "phones renderer size: small, tiny, base, paper"})
     pretrained: str | None = field(default=None, metadata={
         "help": "start from this policy directory instead of training a base model"})
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from models.layout import TEXT_UNITS
@@ -47,8 +46,10 @@ class RendererConfig:
 
     @classmethod
     def named(cls, size: str, latent_dim: int, codebook_size: int) -> "RendererConfig":
-        # tiny: 3.4M parameters, trained in minutes on 2 CPU cores
-        sizes = {"tiny": dict(dim=192, layers=4, heads=4, ffn=768),
+        # tiny: 3.4M parameters, trained in minutes on 2 CPU cores; small: ~0.9M, the CI loop's (its committed round-0
+        # policy, configs/ci_round0/, stays a few MB)
+        sizes = {"small": dict(dim=128, layers=3, heads=4, ffn=512),
+                 "tiny": dict(dim=192, layers=4, heads=4, ffn=768),
                  "base": dict(dim=384, layers=8, heads=6, ffn=1536),
                  "paper": dict(dim=1024, layers=12, heads=16, ffn=4096)}
         if size not in sizes:

@@ -45,10 +45,6 @@ class RunLayout:
     def eval_dir(self, k: int) -> Path:
         return self.round_dir(k) / "eval"
 
-    def partial_dir(self, k: int, stage: str) -> Path:
-        """A running stage's finished batches (``models.io.BatchStore``), removed once the stage is done."""
-        return self.round_dir(k) / ".partial" / stage
-
     def rounds(self) -> list[int]:
         """Rounds that have a folder, in order (contiguous from 0)."""
         out = []

@@ -57,7 +57,7 @@ class FakeContext:
     """What stages read from a Context: cfg, run, device, splits.train, codec and ``codes(utt)``."""
 
     def __init__(self, root: Path, overrides: list[str] | None = None, n_utts: int = 6, layout: str = "plain"):
-        self.cfg = load_config(None, ["policy.prompt_seconds=0.05", "dpo.steps=2", "dpo.batch_size=2",
+        self.cfg = load_config(None, [f"cache_dir={Path(root) / 'cache'}", "policy.prompt_seconds=0.05", "dpo.steps=2", "dpo.batch_size=2",
                                       "dpo.save_steps=100", "dpo.max_length=128", "pair.min_distance=0.0",
                                       "base.log_every=1"] + (overrides or []))
         self.run = FakeRun(Path(root))

@@ -1,5 +1,6 @@
 """A crash inside ``sample``, the pair stage's judging or ``evaluate`` costs at most the batch it was on: finished
-batches are kept (models.io.BatchStore) and a rerun reads them, giving the result an uninterrupted run gives."""
+batches are kept (models.io.BatchStore, in a cache folder named by what they depend on: stages.content_store) and a
+rerun reads them, giving the result an uninterrupted run gives."""
 import json
 
 import numpy as np
@@ -40,7 +41,7 @@ def test_sample_resumes_at_its_first_unfinished_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(Policy, "generate", _crash_after(2, real))
     with pytest.raises(Crash):
         sample(ctx, 1)
-    assert len(list(ctx.run.partial_dir(1, "sample").glob("*.json"))) == 2  # 2 of 3 batches kept
+    assert len(list((tmp_path / "killed" / "cache" / "samples").glob("*/*.json"))) == 2  # 2 of 3 batches kept
     counting = _crash_after(10 ** 6, real)
     monkeypatch.setattr(Policy, "generate", counting)
     sample(ctx, 1)
@@ -74,7 +75,7 @@ def test_pair_judging_resumes_at_its_first_unfinished_batch(tmp_path, monkeypatc
     resumed = P.score_samples(ctx, 1, rows)
     assert calls == [4, 4]  # batch 1 was read, not judged again
     calls.clear()
-    ctx.run.partial_dir(1, "pair").rename(tmp_path / "kept")  # a fresh judge of everything agrees
+    (tmp_path / "cache" / "judge").rename(tmp_path / "kept")  # a fresh judge of everything agrees
     assert P.score_samples(ctx, 1, rows) == resumed and calls == [4, 4, 4]
 
 

@@ -195,3 +195,15 @@ def test_unknown_dpo_loss_type_is_refused_before_any_stage_runs(tmp_path):
     with pytest.raises(ValueError, match="dpo.loss_type='magic' is not one the installed TRL offers"):
         run_loop(cfg)
     assert not (tmp_path / cfg.name).exists()  # nothing was written
+
+
+def test_a_run_with_a_mapping_override_resumes_with_the_same_config(tmp_path):
+    """pair.weights is one setting, not a section: a run started with fewer keys than its default resumes (the
+    resume check once filled the missing keys in from the default and refused the run as another config)."""
+    from align.run import RunDir
+
+    overrides = [f"out_dir={tmp_path}", "name=w", "pair.weights={wer: -1.0, sim: 1.0}"]
+    RunDir(load_config(None, overrides))
+    RunDir(load_config(None, overrides))  # the same command again: resumes
+    with pytest.raises(ValueError, match="different config"):
+        RunDir(load_config(None, overrides[:2] + ["pair.weights={wer: -1.0}"]))

@@ -287,23 +287,19 @@ def test_method_config_validation_and_old_configs_resume(tmp_path):
         RunDir(load_config(None, [f"out_dir={tmp_path}", "name=old", "train.method=coh"]))
 
 
-def test_every_ablation_config_loads():
-    from align.configutil import to_dict
+def test_the_ablation_study_covers_every_method_from_one_round0_policy():
+    """configs/studies/ablations.yaml runs every training method; its variants start from one round-0 policy, which
+    is only fair if none of them changes what round 0 depends on."""
+    from align.study import load_study, plan, touches_round0
 
     from .conftest import REPO
 
-    paths = sorted((REPO / "configs" / "ablations").glob("*.yaml"))
-    assert paths
-    cfgs = {p.stem: load_config(p) for p in paths}
-    assert {c.train.method for c in cfgs.values()} == set(methods.METHODS)
-    # benchmarks/ablations.py trains one round-0 base (the first config's) and starts every run from it:
-    # that is only fair if everything round 0 depends on is the same in every config
-    shared = ("seed", "data", "corpus", "codec", "policy", "base")
-    first = to_dict(next(iter(cfgs.values())))
-    for stem, c in cfgs.items():
-        d = to_dict(c)
-        assert {k: d[k] for k in shared} == {k: first[k] for k in shared}, stem
-        assert c.name == f"abl_{stem}" and c.rounds == 2 and stem.startswith(c.train.method), stem
+    study = load_study(REPO / "configs" / "studies" / "ablations.yaml")
+    specs = [s for s in plan(study) if s.variant]
+    methods_run = {load_config(REPO / s.config, s.overrides).train.method for s in specs}
+    assert methods_run == set(methods.METHODS)
+    assert not any(touches_round0(v) for v in study.variants.values())
+    assert all(any(o.startswith("policy.pretrained=") for o in s.overrides) for s in specs)
 
 
 def test_a_round_keeps_its_dev_best_checkpoint(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""configs/ci.yaml on two CPU processes (gloo) against one: the same samples, pairs and evaluations, and a
-run whose rank dies goes down and resumes.
+"""configs/ci.yaml (trained from scratch on a small budget, ``SHRINK``) on two CPU processes (gloo) against one: the
+same base weights, samples, pairs and evaluations, and a run whose rank dies goes down and resumes.
 
 Both runs are subprocesses of the CLI with one torch thread per process (``threads=1``), so the only
 difference between them is the process count. Measured tolerance (this file's thresholds have room
@@ -24,8 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 CI = REPO / "configs" / "ci.yaml"
 
 
+# configs/ci.yaml trained from scratch on a small base budget (the data-parallel base stage is under test too), one
+# round, and batches small enough that every stage deals at least two of them to the two ranks
+SHRINK = ["policy.pretrained=null", "base.steps=12", "base.nar_steps=8", "rounds=1", "sample.prompts_per_round=8",
+          "sample.batch_size=4", "eval.max_utterances=4", "eval.batch_size=2", "eval.gap_utterances=0"]
+
+
 def _cmd(root: Path, name: str, nproc: int) -> list[str]:
     return [sys.executable, "-m", "align.cli", "run", str(CI), "--nproc", str(nproc), "--set", "threads=1",
+            *[x for o in SHRINK for x in ("--set", o)],
             "--set", f"out_dir={root}", "--set", f"cache_dir={root / '_cache'}",
             "--set", f"data.corpus_dir={root / '_corpus'}", "--set", f"name={name}"]
 
@@ -51,14 +58,14 @@ def runs(tmp_path_factory):
 def test_two_processes_give_the_one_process_run(runs):
     _, one, two = runs
     assert json.loads((two / "round_001" / "samples" / "stats.json").read_text())["processes"] == 2
-    for k in (1, 2):
+    for k in (1,):
         a, b = _rows(one / f"round_{k:03d}/samples/samples.jsonl"), _rows(two / f"round_{k:03d}/samples/samples.jsonl")
-        assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 16
+        assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 8
         assert [r["codes"] for r in a] == [r["codes"] for r in b], f"round {k}: samples differ"
         a, b = _rows(one / f"round_{k:03d}/pairs/pairs.jsonl"), _rows(two / f"round_{k:03d}/pairs/pairs.jsonl")
         assert [(p["prompt"], p["chosen"], p["rejected"]) for p in a] == \
                [(p["prompt"], p["chosen"], p["rejected"]) for p in b], f"round {k}: pairs differ"
-    for k in (0, 1, 2):
+    for k in (0, 1):
         a, b = _rows(one / f"round_{k:03d}/eval/rows.jsonl"), _rows(two / f"round_{k:03d}/eval/rows.jsonl")
         assert [r["id"] for r in a] == [r["id"] for r in b]
         assert [r["codes"] for r in a] == [r["codes"] for r in b], f"round {k}: evaluated codes differ"
@@ -68,14 +75,14 @@ def test_two_processes_give_the_one_process_run(runs):
         wb = load_file(str(two / f"round_{k:03d}/policy/model.safetensors"))
         assert max(float((wa[n] - wb[n]).abs().max()) for n in wa) < 1e-4, f"round {k}: weights differ"
     ma, mb = _rows(one / "metrics.jsonl"), _rows(two / "metrics.jsonl")
-    assert [m["round"] for m in ma] == [m["round"] for m in mb] == [0, 1, 2]
+    assert [m["round"] for m in ma] == [m["round"] for m in mb] == [0, 1]
     for x, y in zip(ma, mb):
         assert x["wer"] == y["wer"] and abs(x["sim"] - y["sim"]) < 1e-6
         if x["round"]:
             assert abs(x["dpo_loss"] - y["dpo_loss"]) <= 1e-4 * abs(x["dpo_loss"])
     # rank 0 alone wrote the run's files: one log, no stray temp folders
     assert not list(two.rglob("*.tmp[0-9]*"))
-    assert (two / "log.txt").read_text().count("round 2: evaluate") == 1
+    assert (two / "log.txt").read_text().count("round 1: evaluate") == 1
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
@@ -112,20 +119,20 @@ def test_a_killed_rank_takes_the_run_down_and_the_same_command_resumes(runs):
             launcher.kill()
     assert rc != 0
     done = json.loads(state.read_text())["done"]
-    assert "evaluate" not in done.get("2", {}), "the run was not cut off"
+    assert "evaluate" not in done.get("1", {}), "the run was not cut off"
 
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     ma, mb = _rows(two / "metrics.jsonl"), _rows(root / name / "metrics.jsonl")
-    assert [m["round"] for m in mb] == [0, 1, 2]
+    assert [m["round"] for m in mb] == [0, 1]
     for x, y in zip(ma, mb):
         assert x["wer"] == y["wer"] and abs(x["sim"] - y["sim"]) < 1e-6
-    for k in (1, 2):
+    for k in (1,):
         a = _rows(two / f"round_{k:03d}/pairs/pairs.jsonl")
         b = _rows(root / name / f"round_{k:03d}/pairs/pairs.jsonl")
         assert [(p["chosen"], p["rejected"]) for p in a] == [(p["chosen"], p["rejected"]) for p in b]
-    wa = load_file(str(two / "round_002/policy/model.safetensors"))
-    wb = load_file(str(root / name / "round_002/policy/model.safetensors"))
+    wa = load_file(str(two / "round_001/policy/model.safetensors"))
+    wb = load_file(str(root / name / "round_001/policy/model.safetensors"))
     assert max(float((wa[n] - wb[n]).abs().max()) for n in wa) < 1e-4
 
 

@@ -100,7 +100,7 @@ def cmd_study(args) -> None:
     from align.study import run_study
 
     out = run_study(args.study, jobs=args.jobs, print_commands=args.print_commands, final=args.final,
-                    variants=args.variants)
+                    variants=args.variants, table_only=args.table_only)
     if out is not None:
         print(out.read_text())
 
@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--final", choices=["test"], default=None,
                    help="score the --variants chosen on dev on the test split, once, and report them")
     p.add_argument("--variants", nargs="+", default=None, help="with --final: the chosen variants")
+    p.add_argument("--table-only", action="store_true",
+                   help="write the table of what is evaluated so far, running nothing (a study still under way)")
     p.set_defaults(fn=cmd_study)
 
     p = sub.add_parser("base", help="train only the base stage (round 0) of a config, e.g. --stage speechgpt")

@@ -221,6 +221,10 @@ class DPOStageConfig:
         "help": "alpha of f_divergence_type=alpha_divergence"})
     use_weighting: bool = field(default=False, metadata={
         "help": "WPO: weight pairs by the policy's length-normalised probability of them"})
+    scoring: Literal["rule", "full_softmax"] = field(default="rule", metadata={
+        "help": "what the trainer's log-probs are over: rule (the policy's emit rule, the distribution its sampler "
+                "draws from: models/walk.py) or full_softmax (the whole vocabulary, as TRL scores by default; kept for "
+                "the comparison in configs/studies/efficacy.yaml, variant golden_full_softmax)"})
 
     def __post_init__(self):
         if self.sft_weight < 0:
@@ -236,6 +240,7 @@ class DPOStageConfig:
                              "js_divergence or alpha_divergence")
         if self.beta <= 0:
             raise ValueError(f"dpo.beta={self.beta} must be > 0")
+        check_choice(self.scoring, Literal["rule", "full_softmax"], "dpo.scoring")
         if self.learning_rate <= 0 or self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("dpo.learning_rate > 0 and dpo.steps, dpo.batch_size, dpo.grad_accum >= 1 are required")
         # loss_type is checked against the installed TRL when a run starts (align.methods.check_loss_type):

@@ -128,7 +128,7 @@ def round_row(run: RunDir, k: int) -> dict | None:
         d = read_json(train_path)["summary"]
         row.update({"method": d.get("method", "dpo"), "dpo_loss": d["loss"], "reward_accuracy": d["reward_accuracy"],
                     "reward_margin": d["reward_margin"], "pairs": d["pairs"]})
-        for key in ("rm_accuracy", "grpo_reward"):
+        for key in ("rm_accuracy", "grpo_reward", "chosen_step", "dev_wer"):
             if d.get(key) is not None:
                 row[key] = d[key]
     for part, folder in (("samples", run.samples_dir(k)), ("pairs", run.pairs_dir(k))):

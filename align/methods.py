@@ -18,6 +18,7 @@ cost. Every method writes ``round_k/train/metrics.json`` with a ``summary`` hold
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -211,7 +212,8 @@ def _trl_preference(ctx: "Context", k: int, rows: list[dict], *, method: str, lo
                                  target_modules=list(dcfg.lora_targets), task_type="CAUSAL_LM")
     timer = step_timer()
     callbacks = [nan_guard(), timer]
-    with rule_scoring(policy.emit_rule):  # policy, reference and a precomputed reference: all under the rule
+    scoring = rule_scoring(policy.emit_rule) if dcfg.scoring == "rule" else contextlib.nullcontext()
+    with scoring:  # policy, reference and a precomputed reference: all under the rule
         trainer = DPOTrainer(model=policy.lm, ref_model=None if dcfg.lora else ref, args=args, train_dataset=dataset,
                              processing_class=policy.tokenizer, peft_config=peft_config, callbacks=callbacks)
     validator = _validator(ctx, k, policy, trainer)

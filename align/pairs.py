@@ -119,16 +119,15 @@ def score_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict[str, fl
     """Every configured scorer over every sample -> one ``{scorer: value}`` dict per row.
 
     The rows are cut into batches of ``JUDGE_BATCH`` dealt to the processes (as ``sample`` and ``evaluate``
-    deal theirs) and gathered; each finished batch is kept (``stages.content_store``), so a crash loses at most one
+    deal theirs) and gathered; each finished batch is kept (``Context.store``), so a crash loses at most one
     batch of judging."""
     from tqdm import tqdm
 
     from align.config import config_to_dict
-    from align.stages import content_store
 
     # the run's judges and what they judge name the folder: the same samples judged again (a study's variants
     # share round 1's) are read
-    store = content_store(ctx, "judge", ctx.run.policy_dir(k - 1), {
+    store = ctx.store("judge", ctx.run.policy_dir(k - 1), {
         "eval": config_to_dict(ctx.cfg)["eval"], "scorers": list(ctx.cfg.pair.scorers),
         "max_seconds": ctx.cfg.data.max_seconds,
         "rows": [(r["id"], r["prompt_id"], r["text"], list(r["codes"])) for r in rows]})
@@ -139,10 +138,11 @@ def score_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict[str, fl
     factories = [(n, f) for n, f in factories if f is not None]
     policy = None
     mine = []
-    t0 = time.time()
+    t0, judged = time.time(), 0
     for start, stop in tqdm(ctx.ranks.batches(len(rows), JUDGE_BATCH), desc="judging", leave=False):
         done = store.get(f"{start}-{stop}")
         if done is None:
+            judged += stop - start
             if policy is None:
                 policy = SampleBatch(ctx, k, []).policy
             batch = SampleBatch(ctx, k, rows[start:stop], policy=policy)
@@ -161,8 +161,8 @@ def score_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict[str, fl
         out[start:start + len(done)] = done
     if not any(out):
         raise ValueError(f"no scorer of pair.scorers={ctx.cfg.pair.scorers} is available; add 'wer' or 'sim'")
-    log.info("round %d pair: judged %d samples in %.0f s (%.2f samples/s on this process)", k, len(rows), seconds,
-             sum(len(d) for _, d in mine) / max(seconds, 1e-9))
+    log.info("round %d pair: %d samples judged on this process in %.0f s (%.2f samples/s), %d read from the cache",
+             k, judged, seconds, judged / max(seconds, 1e-9), sum(len(d) for _, d in mine) - judged)
     return out
 
 

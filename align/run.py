@@ -300,6 +300,21 @@ class Context:
             return self.codec.sample_rate
         return codec_sample_rate(self.cfg.codec)
 
+    def store(self, kind: str, policy_dir: Path, what: dict):
+        """A stage's finished batches (``models.io.BatchStore``) in a cache folder named by everything they depend on:
+        the policy directory's files and ``what`` (the items, the settings, the seeds). So a killed stage resumes at its
+        first unfinished batch, and the same policy run again on the same items with the same settings (a study's
+        variants at round 0 and in round 1's sampling and judging) reads the batches instead of computing them."""
+        from models.io import BatchStore
+
+        h = hashlib.sha1(kind.encode())
+        for f in sorted(Path(policy_dir).rglob("*")):
+            if f.is_file():
+                h.update(str(f.relative_to(policy_dir)).encode())
+                h.update(f.read_bytes())
+        h.update(json.dumps(what, sort_keys=True, default=str).encode())
+        return BatchStore(Path(self.cfg.cache_dir) / kind / h.hexdigest()[:20])
+
     def check_codec(self, policy_dir: Path) -> None:
         """Refuse a policy trained with another codec than the one this run encodes golden tokens with (their tokens
         would index another codebook), naming both."""

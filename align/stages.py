@@ -63,11 +63,12 @@ def sample(ctx: "Context", k: int) -> dict:
     texts = [u.text for u in subset]
     seed = cfg.seed * 1000 + k
     # finished batches survive a crash, and the same policy sampled with the same settings is read
-    store = content_store(ctx, "samples", ctx.run.policy_dir(k - 1), {
+    store = ctx.store("samples", ctx.run.policy_dir(k - 1), {
         "sample": config_to_dict(ctx.cfg)["sample"], "seed": seed, "prompts": [(u.id, p.id) for u, p in zip(subset, prompts)],
         "max_seconds": cfg.data.max_seconds})
     t0 = time.time()
     mine = []  # (start, samples of the batch's utterances) for this rank's batches
+    spoken = 0  # tokens this rank generated (not read from the cache): the throughput figure's
     for start, stop in tqdm(ctx.ranks.batches(len(subset), scfg.batch_size), desc="sampling", leave=False):
         done = store.get(f"{start}-{stop}")
         if done is not None:
@@ -88,7 +89,8 @@ def sample(ctx: "Context", k: int) -> dict:
                                    top_p=scfg.top_p, seed=seed + start, **kw)
         mine.append((start, [[c.tolist() for c in o] for o in outs]))
         store.put(f"{start}-{stop}", mine[-1][1])
-    seconds = ctx.ranks.gather([time.time() - t0])
+        spoken += sum(len(c) for o in mine[-1][1] for c in o)
+    seconds = ctx.ranks.gather([(time.time() - t0, spoken)])
     rows = []
     for start, outs in sorted(ctx.ranks.gather(mine), key=lambda part: part[0]):
         for u, p, samples in zip(subset[start:], prompts[start:], outs):
@@ -97,14 +99,18 @@ def sample(ctx: "Context", k: int) -> dict:
                 rows.append({"id": u.id, "prompt_id": p.id, "text": u.text, "speaker": u.speaker, "sample": j,
                              "temperature": temperature, "top_p": top_p, "codes": codes})
     n_tokens = sum(len(r["codes"]) for r in rows)
+    generated = sum(n for _, n in seconds)
     stats = {"prompts": len(subset), "samples": len(rows), "tokens": n_tokens,
-             "tokens_per_second": n_tokens / max(max(seconds), 1e-9),  # the slowest rank's clock
+             # over the slowest rank's clock; None when every batch was read from the cache
+             "tokens_per_second": generated / max(max(t for t, _ in seconds), 1e-9) if generated else None,
+             "cached_tokens": n_tokens - generated,
              "empty": sum(1 for r in rows if not r["codes"]), "processes": ctx.ranks.world}
     if ctx.ranks.is_main:
         with atomic_dir(ctx.run.samples_dir(k)) as tmp:
             write_jsonl(tmp / "samples.jsonl", rows)
             (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    log.info("round %d sample: %d samples, %.0f tokens/s", k, len(rows), stats["tokens_per_second"])
+    log.info("round %d sample: %d samples, %s", k, len(rows), "read from the cache" if not generated else
+             f"{stats['tokens_per_second']:.0f} tokens/s")
     return stats
 
 
@@ -196,29 +202,13 @@ def eval_items(ctx: "Context", test=None, n: int | None = None, seed: int | None
     return out
 
 
-def content_store(ctx: "Context", kind: str, policy_dir: Path, what: dict) -> BatchStore:
-    """A stage's finished batches in a cache folder named by everything they depend on: the policy directory's files
-    and ``what`` (the items, the settings, the seeds). So a killed stage resumes at its first unfinished batch, and
-    the same policy run again on the same items with the same settings (every variant of a study at round 0 and in
-    round 1's sampling and judging) reads the batches instead of computing them again."""
-    import hashlib
-
-    h = hashlib.sha1(kind.encode())
-    for f in sorted(Path(policy_dir).rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(policy_dir)).encode())
-            h.update(f.read_bytes())
-    h.update(json.dumps(what, sort_keys=True, default=str).encode())
-    return BatchStore(Path(ctx.cfg.cache_dir) / kind / h.hexdigest()[:20])
-
-
 def eval_store(ctx: "Context", policy_dir: Path, items: list) -> BatchStore:
-    """``content_store`` of an evaluation: the items and their prompts, the ``eval:`` section, the seed, the data's
+    """``Context.store`` of an evaluation: the items and their prompts, the ``eval:`` section, the seed, the data's
     length cap."""
     from align.config import config_to_dict
 
     ecfg = dict(config_to_dict(ctx.cfg)["eval"], gap_utterances=None, save_audio=None, extra_sets=None)
-    return content_store(ctx, "evals", policy_dir, {
+    return ctx.store("evals", policy_dir, {
         "eval": ecfg, "seed": ctx.cfg.seed, "max_seconds": ctx.cfg.data.max_seconds,
         "items": [(it.id, it.text, it.audio, it.prompt_id) for it in items]})
 

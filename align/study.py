@@ -191,7 +191,11 @@ def variant_table(study: StudyConfig, specs: list[RunSpec], split: str = "dev", 
             continue
         root = spec.run_dir(study.out_dir)
         if split == study.choose_on:
-            t = load_table(root)
+            try:
+                t = load_table(root)
+            except ValueError:  # not evaluated yet (--table-only on a study still running)
+                log.warning("study %s: %s has no evaluated round yet; left out of the table", study.name, spec.name)
+                continue
         else:
             parts = [rows_frame(read_jsonl(f), round_=int(f.parent.name.split("_")[1]))
                      for f in sorted((root / "final" / split).glob("round_*/rows.jsonl"))]
@@ -253,6 +257,37 @@ def markdown(study: StudyConfig, est: pd.DataFrame, tests: pd.DataFrame, split: 
     return "\n".join(lines)
 
 
+def training_table(study: StudyConfig, specs: list[RunSpec]) -> str:
+    """Per run and round: the method, the pairs it trained on, its last-steps loss, and with train.validate_every the
+    dev-best step the round kept (step 0: the round left the policy as it was) and its WER on the validation subset
+    of dev (each round's train/metrics.json)."""
+    from models.io import read_json
+    from models.rundir import RunLayout
+
+    lines = ["Training, per run and round (`kept step`: the dev-best checkpoint the round kept, 0 = round k-1's policy "
+             "unchanged; `val. WER`: its WER on the validation subset of dev).", "",
+             "| run | round | method | pairs | loss | kept step | val. WER |", "|---|---|---|---|---|---|---|"]
+    for spec in specs:
+        layout = RunLayout(spec.run_dir(study.out_dir))
+        for k in range(1, study.rounds + 1):
+            path = layout.train_dir(k) / "metrics.json"
+            if spec.variant is None or not path.is_file():
+                continue
+            r = read_json(path)["summary"]
+
+            def cell(key, fmt="{}"):
+                return "-" if r.get(key) is None else fmt.format(r[key])
+            lines.append(f"| {spec.name} | {k} | {cell('method')} | {cell('pairs')} | {cell('loss', '{:.3f}')} | "
+                         f"{cell('chosen_step')} | {cell('dev_wer', '{:.3f}')} |")
+    return "\n".join(lines)
+
+
+def _finished(spec: RunSpec, study: StudyConfig) -> bool:
+    from models.rundir import RunLayout
+
+    return (RunLayout(spec.run_dir(study.out_dir)).eval_dir(study.rounds) / "rows.jsonl").is_file()
+
+
 def _digest(df: pd.DataFrame) -> str:
     return hashlib.sha1(pd.util.hash_pandas_object(df, index=False).values.tobytes()).hexdigest()[:12]
 
@@ -278,7 +313,11 @@ def write_results(study: StudyConfig, specs: list[RunSpec], study_path: str) -> 
           f"config `{study.base}`; reference variant `{study.reference}`; {study.rounds} rounds.", "",
           "| variant | overrides |", "|---|---|"]
     md += [f"| {v} | {' '.join(f'`{o}`' for o in o_) or '(the base config)'} |" for v, o_ in study.variants.items()]
+    unfinished = [spec.name for spec in specs if spec.variant is not None and not _finished(spec, study)]
+    if unfinished:
+        md += ["", f"**Unfinished**: {', '.join(unfinished)} (not every round evaluated yet; the table holds what is)."]
     md += ["", markdown(study, est, tests, study.choose_on, f"## Chosen on {study.choose_on} (table {digest})")]
+    md += ["", training_table(study, specs)]
     figs = {}
     for m in study.metrics:
         if m in est:
@@ -352,15 +391,17 @@ def final_evaluation(study: StudyConfig, specs: list[RunSpec], variants: list[st
 
 
 def run_study(path: str, *, jobs: int = 1, print_commands: bool = False, final: str | None = None,
-              variants: list[str] | None = None) -> Path | None:
-    """The CLI's `speechalign study`: print the commands, or run what is missing and write the results."""
+              variants: list[str] | None = None, table_only: bool = False) -> Path | None:
+    """The CLI's `speechalign study`: print the commands, or run what is missing and write the results (with
+    ``table_only``, the table of what has been evaluated so far, running nothing)."""
     study = load_study(path)
     specs = plan(study)
     if print_commands:
         for spec in specs:
             print(spec.command())
         return None
-    run_all(specs, jobs)
+    if not table_only:
+        run_all(specs, jobs)
     if final is not None:
         if not variants:
             raise ValueError("--final needs --variants: the variants chosen on the dev table")

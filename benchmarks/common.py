@@ -22,7 +22,9 @@ if str(ROOT) not in sys.path:
 
 
 def arg_parser(doc: str | None) -> argparse.ArgumentParser:
-    """An argument parser whose help is the script's docstring; logging set up as the CLI's."""
+    """An argument parser whose help is the script's docstring; logging set up as the CLI's; the working directory
+    the repository's root, which the configs' relative paths (runs/, configs/ci_round0) are relative to."""
+    os.chdir(ROOT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "datasets", "numba", "matplotlib"):

@@ -3,7 +3,7 @@
 (what it should fail). The table gives each run's worse-by and bootstrap CI per metric and which runs fail at
 each candidate WER tolerance; the committed tolerances (``gate:`` in configs/ci.yaml) are chosen from it.
 
-    python benchmarks/gate_power.py [--seeds 1 2 3 4 5] [--root runs/gate_power] [--write-baseline]
+    python benchmarks/gate_power.py [--seeds 1 2 3 4 5] [--root runs/gate_power] [--write-baseline] [--base-regressions]
 
 Seed 0 is the baseline's run (``--write-baseline`` writes configs/ci_baseline.json from it, on purpose). The
 regressions run at seed 0 too, so only the regression differs from the baseline's run; those that change nothing
@@ -45,16 +45,30 @@ def swapped_pairs():
         stages.PAIR_STRATEGIES.update(saved)
 
 
-def regressions(cfg) -> dict[str, tuple[list[str], object, bool]]:
-    """name -> (overrides, context manager factory, shares round 0 with the baseline's run)."""
+def build_overrides() -> list[str]:
+    """How configs/ci_round0/ was trained (its BUILD.json), less the run's name, folder and rounds."""
+    import json
+
+    build = json.loads((ROOT / "configs" / "ci_round0" / "BUILD.json").read_text())["overrides_of_configs_ci_yaml"]
+    return [o for o in build if o.split("=", 1)[0] not in ("name", "out_dir", "rounds")]
+
+
+def regressions(cfg, base: bool = False) -> dict[str, tuple[list[str], object, bool]]:
+    """name -> (overrides, context manager factory, shares round 0 with the baseline's run). A regression of the base
+    retrains round 0 the way scripts/build_ci_round0.py does, with the one setting changed (``base``: ~40 min on 2
+    cores, so only with --base-regressions)."""
     none = contextlib.nullcontext
-    return {
+    build = build_overrides()
+    steps = {o.split("=", 1)[0]: int(o.split("=", 1)[1]) for o in build if o.startswith("base.nar_steps=")}
+    out = {
         "swapped_pairs": ([], swapped_pairs, True),
         "dpo_beta_tenth": ([f"dpo.beta={cfg.dpo.beta / 10:g}"], none, True),
         "dpo_lr_x10": ([f"dpo.learning_rate={cfg.dpo.learning_rate * 10:g}"], none, True),
-        "renderer_tenth_steps": ([f"base.nar_steps={max(1, cfg.base.nar_steps // 10)}"], none, False),
-        "ar_tenth_steps": ([f"base.steps={max(1, cfg.base.steps // 10)}"], none, False),
+        "eval_temperature_1.2": (["eval.temperature=1.2"], none, True),
     }
+    if base:
+        out["renderer_tenth_steps"] = (build + [f"base.nar_steps={steps['base.nar_steps'] // 10}"], none, False)
+    return out
 
 
 def main() -> None:
@@ -62,6 +76,7 @@ def main() -> None:
     args_p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     args_p.add_argument("--root", default=str(ROOT / "runs" / "gate_power"))
     args_p.add_argument("--write-baseline", action="store_true", help="(re)write configs/ci_baseline.json from seed 0")
+    args_p.add_argument("--base-regressions", action="store_true", help="also regressions that retrain round 0")
     args = args_p.parse_args()
 
     from align.config import load_config
@@ -78,7 +93,7 @@ def main() -> None:
     for s in args.seeds:
         runs.append(("seed", f"seed {s}", run_loop(load_config(CI, common + [f"name=seed{s}", f"seed={s}"]))))
     round0 = base_run / "round_000" / "policy"
-    for name, (overrides, ctx_factory, shares) in regressions(base_cfg).items():
+    for name, (overrides, ctx_factory, shares) in regressions(base_cfg, args.base_regressions).items():
         extra = [f"policy.pretrained={round0}"] if shares else []
         with ctx_factory():
             runs.append(("regression", name, run_loop(load_config(CI, common + [f"name={name}", *overrides, *extra]))))

@@ -81,6 +81,11 @@ class FakeContext:
 
         return choose_prompt(utt, pool, self.cfg.seed + salt)
 
+    def store(self, kind, policy_dir, what):
+        from align.run import Context
+
+        return Context.store(self, kind, policy_dir, what)  # the real one, in this context's cache_dir
+
     def golden_stream(self, utt, fmt) -> torch.LongTensor:
         from align.run import Context
 

@@ -97,6 +97,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # a third and fourth two-process run (~35 s): CI runs it with -m slow
 def test_a_killed_rank_takes_the_run_down_and_the_same_command_resumes(runs):
     root, _, two = runs
     name = "killed"

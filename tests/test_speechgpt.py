@@ -372,6 +372,7 @@ def test_chat_answers_in_text_and_in_speech(tiny_policy_dir, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # End to end: configs/speechgpt-tiny.yaml as written, `speechalign base --stage speechgpt`, chat, one round
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # ~100 s: in `python -m pytest -m slow` (CI runs it); its parts have fast tests above
 def test_speechgpt_tiny_config_three_stages_chat_then_one_alignment_round(ci_overrides, tmp_path, capsys):
     """The issue's whole path on the shipped tiny config (about 2 minutes on 2 cores)."""
     from models.audio import load_audio

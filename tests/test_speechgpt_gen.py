@@ -17,7 +17,8 @@ from .conftest import REPO
 
 CI_CONFIG = REPO / "configs" / "ci.yaml"
 SGG = ["policy.pretrained=null", "base.stage=speechgpt_gen", "base.nar_steps=0", "speechgpt_gen.steps=20", "speechgpt_gen.batch_size=8",
-       "speechgpt_gen.ode_steps=2", "speechgpt_gen.crop_frames=96", "rounds=1"]
+       "speechgpt_gen.ode_steps=2", "speechgpt_gen.crop_frames=96", "rounds=1", "eval.max_utterances=4",
+       "eval.gap_utterances=0"]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ def _study(tmp_path, ci_run, ci_overrides) -> str:
             "variants": {"dpo": [], "control": ["train.method=sft_control"]},
             "out_dir": str(tmp_path / "runs"), "results": str(tmp_path / "results")}
     path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))  # the variants in this order: dpo runs first
     return str(path)
 
 

@@ -393,18 +393,24 @@ def final_evaluation(study: StudyConfig, specs: list[RunSpec], variants: list[st
 def run_study(path: str, *, jobs: int = 1, print_commands: bool = False, final: str | None = None,
               variants: list[str] | None = None, table_only: bool = False) -> Path | None:
     """The CLI's `speechalign study`: print the commands, or run what is missing and write the results (with
-    ``table_only``, the table of what has been evaluated so far, running nothing)."""
+    ``table_only``, the table of what has been evaluated so far, running nothing; with ``final``, the chosen
+    variants' finished runs on the final split, training nothing)."""
     study = load_study(path)
     specs = plan(study)
     if print_commands:
         for spec in specs:
             print(spec.command())
         return None
-    if not table_only:
-        run_all(specs, jobs)
     if final is not None:
+        # the test split is read after the choice, for the chosen variants' finished runs: nothing is trained here
         if not variants:
             raise ValueError("--final needs --variants: the variants chosen on the dev table")
+        unfinished = [s.name for s in specs if s.variant in variants and not _finished(s, study)]
+        if unfinished:
+            raise ValueError(f"--final {final}: {', '.join(unfinished)} not finished; run the study first")
+    elif not table_only:
+        run_all(specs, jobs)
+    if final is not None:
         write_results(study, specs, path)  # the dev table first: the choice it records precedes the test scores
         final_evaluation(study, specs, variants, final)
     out = write_results(study, specs, path)

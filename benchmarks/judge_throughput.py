@@ -88,6 +88,8 @@ def main() -> None:
     judge = sum(t[k] for k in ("renderer", "quantise", "decode (Griffin-Lim, one at a time)", "ASR (pocketsphinx)",
                                "SIM (resemblyzer)"))
     rows["judge (render + ASR + SIM)"] = {"items": n, "seconds": judge, "per_second": n / judge}
+    top = max(("renderer", "quantise", "decode (Griffin-Lim, one at a time)", "ASR (pocketsphinx)", "SIM (resemblyzer)"),
+              key=t.get)
 
     md = ["# What a round's stages cost per item", "",
           f"`python benchmarks/judge_throughput.py --n {args.n} --samples {args.samples}` on {machine()}, one process "
@@ -102,7 +104,7 @@ def main() -> None:
            f"process: {t['ASR pool start-up (once)']:.1f} s.", "",
            f"At {rows['judge (render + ASR + SIM)']['per_second']:.2f} judged samples/s, a round of 64 texts x 8 samples "
            f"spends {512 / rows['judge (render + ASR + SIM)']['per_second'] / 60:.1f} min judging on this machine; "
-           "pocketsphinx is most of it."]
+           f"the largest part is {top} ({t[top] / judge:.0%})."]
     out = write_results("judge_throughput", "\n".join(md),
                         {"machine": machine(), "rows": rows, "args": vars(args)})
     print(out.read_text())

@@ -39,6 +39,9 @@ def test_a_two_variant_study_runs_resumes_and_reports(ci_run, ci_overrides, tmp_
     runs = {s.variant: s.run_dir(str(tmp_path / "runs")) for s in plan(load_study(path))}
     finished = json.loads((runs["dpo"] / "state.json").read_text())
     monkeypatch.undo()
+    # the test split only for finished runs, and --final trains nothing
+    assert main(["study", path, "--final", "test", "--variants", "control"]) == 2
+    assert "train" not in json.loads((runs["control"] / "state.json").read_text())["done"].get("1", {})
     assert main(["study", path]) == 0
     assert json.loads((runs["dpo"] / "state.json").read_text()) == finished  # read, not run again
     assert "train" in json.loads((runs["control"] / "state.json").read_text())["done"]["1"]

@@ -213,7 +213,7 @@ def _trl_preference(ctx: "Context", k: int, rows: list[dict], *, method: str, lo
     timer = step_timer()
     callbacks = [nan_guard(), timer]
     scoring = rule_scoring(policy.emit_rule) if dcfg.scoring == "rule" else contextlib.nullcontext()
-    with scoring:  # policy, reference and a precomputed reference: all under the rule
+    with scoring:  # policy, reference and a precomputed reference: all under the rule (or all full softmax)
         trainer = DPOTrainer(model=policy.lm, ref_model=None if dcfg.lora else ref, args=args, train_dataset=dataset,
                              processing_class=policy.tokenizer, peft_config=peft_config, callbacks=callbacks)
     validator = _validator(ctx, k, policy, trainer)

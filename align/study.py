@@ -408,11 +408,10 @@ def run_study(path: str, *, jobs: int = 1, print_commands: bool = False, final: 
         unfinished = [s.name for s in specs if s.variant in variants and not _finished(s, study)]
         if unfinished:
             raise ValueError(f"--final {final}: {', '.join(unfinished)} not finished; run the study first")
-    elif not table_only:
-        run_all(specs, jobs)
-    if final is not None:
         write_results(study, specs, path)  # the dev table first: the choice it records precedes the test scores
         final_evaluation(study, specs, variants, final)
+    elif not table_only:
+        run_all(specs, jobs)
     out = write_results(study, specs, path)
     log.info("study %s: %s", study.name, out)
     return out

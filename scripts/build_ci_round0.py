@@ -13,16 +13,15 @@ changes (Policy.load then refuses the old one and says why).
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import machine  # noqa: E402  (the CPU model and cores, as every benchmark reports them)
 
 OUT = ROOT / "configs" / "ci_round0"
 # What the build trains beyond configs/ci.yaml: a tenfold corpus and a base budget that makes it speak.
@@ -59,12 +58,10 @@ def main() -> None:
     with atomic_dir(OUT) as tmp:
         shutil.copytree(run / "round_000" / "policy", tmp, dirs_exist_ok=True)
         to_half(tmp)
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((x.split(":", 1)[1].strip() for x in cpu.splitlines() if x.startswith("Model name")), "?")
         (tmp / "BUILD.json").write_text(json.dumps({
             "command": "python scripts/build_ci_round0.py", "overrides_of_configs_ci_yaml": BUILD,
             "test_wer": round(summary["wer"], 4), "test_sim": round(summary["sim"], 4), "test_n": summary["n"],
-            "seconds": round(time.time() - t0, 1), "machine": f"{model}, {os.cpu_count()} cores, {platform.machine()}",
+            "seconds": round(time.time() - t0, 1), "machine": machine(),
         }, indent=1) + "\n")
     size = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"{OUT}: {size / 1e6:.1f} MB; round-0 test WER {summary['wer']:.3f} SIM {summary['sim']:.3f} (n={summary['n']})")

@@ -3,8 +3,8 @@ twice in the middle of round 1's DPO (the moment a trainer checkpoint folder app
 and once a checkpoint is complete), re-run after every kill until it finishes, must end with the
 uninterrupted run's metrics (timings aside) and bit-identical policies in every round.
 
-The uninterrupted run is the session's ``ci_run`` (shared with tests/test_loop.py), and the corpus and
-codec cache are shared with it, so only the loop itself (base stage, rounds, evaluation) is repeated:
+The uninterrupted run is the session's ``ci_run`` (shared with tests/test_loop.py), and the corpus is shared with
+it (not the stage caches: the killed run computes and keeps its own batches), so only the loop itself is repeated:
 the killed run's five attempts took 5 min on 2 cores shared with other jobs (load 3-4), where an idle
 machine runs ci.yaml through in about a minute; plus ``ci_run`` when no earlier test has made it.
 """
@@ -81,7 +81,11 @@ def test_sigkilled_run_resumes_to_identical_metrics_and_weights(ci_run, ci_overr
     # the same thread count as this process (which ran ci_run), set the same way (torch.set_num_threads, which
     # conftest calls; OMP_NUM_THREADS alone gave the interleaved AR other float reductions): sums then add up alike
     threads = str(torch.get_num_threads())
-    overrides = [o for o in ci_overrides] + ["name=ci_killed", f"threads={threads}"]
+    # its own cache folder: with ci_run's, its sampling, judging and evaluations are read from ci_run's cached batches
+    # and round 1 can end before the first kill lands (the CI failure "the DPO kills did not land"); the corpus is
+    # still shared (data.corpus_dir)
+    overrides = [o for o in ci_overrides if not o.startswith("cache_dir=")] + [
+        f"cache_dir={tmp_path / 'cache'}", "name=ci_killed", f"threads={threads}"]
     cmd = [sys.executable, "-m", "align.cli", "run", str(CI_CONFIG)] + [x for o in overrides for x in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     run_dir = Path(next(o.split("=", 1)[1] for o in ci_overrides if o.startswith("out_dir="))) / "ci_killed"

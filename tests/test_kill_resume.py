@@ -77,6 +77,8 @@ def _kill(proc) -> None:
     proc.wait()
 
 
+@pytest.mark.slow  # ~100 s with its own stage caches: in `python -m pytest -m slow`, which CI (.ci/run) runs; the fast
+# suite keeps the in-process kill tests (tests/test_loop.py, tests/test_batch_resume.py)
 def test_sigkilled_run_resumes_to_identical_metrics_and_weights(ci_run, ci_overrides, tmp_path):
     # the same thread count as this process (which ran ci_run), set the same way (torch.set_num_threads, which
     # conftest calls; OMP_NUM_THREADS alone gave the interleaved AR other float reductions): sums then add up alike

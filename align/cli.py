@@ -100,7 +100,7 @@ def cmd_study(args) -> None:
     from align.study import run_study
 
     out = run_study(args.study, jobs=args.jobs, print_commands=args.print_commands, final=args.final,
-                    variants=args.variants, table_only=args.table_only)
+                    variants=args.variants, table_only=args.table_only, force=args.force)
     if out is not None:
         print(out.read_text())
 
@@ -208,7 +208,7 @@ def cmd_eval(args) -> None:
     ecfg = EvalConfig(asr=args.asr, asr_model=args.asr_model, speaker=args.speaker, speaker_model=args.speaker_model,
                       quality=args.quality, temperature=args.temperature, batch_size=args.batch_size)
     result = evaluate_manifest(args.policy, args.manifest, args.out, ecfg=ecfg, seed=args.seed, device=args.device,
-                               max_seconds=args.max_seconds)
+                               max_seconds=args.max_seconds, save_audio=args.save_audio)
     print(f"WER {result['wer']:.4f}  SIM {result['sim']:.4f}  n={result['n']}  skipped={len(result['skipped'])}  "
           f"-> {args.out}")
 
@@ -226,6 +226,18 @@ def cmd_vc(args) -> None:
 
     r = convert_voice(args.policy, args.source, args.prompt, args.out, device=args.device)
     print(f"wrote {r['out']}: {r['seconds']:.2f} s from {r['frames']} source RVQ-1 frames")
+
+
+def cmd_cache(args) -> None:
+    from align.cache import describe, prune
+
+    if args.prune:
+        gone = prune(args.cache_dir, older_than_days=args.older_than, everything=args.all, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(gone)} entries ({sum(e.bytes for e in gone) / 1e6:.1f} MB) from {args.cache_dir}")
+    elif args.older_than is not None or args.all or args.dry_run:
+        raise ValueError("--older-than, --all and --dry-run go with --prune")
+    print(describe(args.cache_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--final", choices=["test"], default=None,
                    help="score the --variants chosen on dev on the test split, once, and report them")
     p.add_argument("--variants", nargs="+", default=None, help="with --final: the chosen variants")
+    p.add_argument("--force", action="store_true",
+                   help="with --final: read the final split again although it was read before (appended to the "
+                        "study's reads and reported as forced; refused without it)")
     p.add_argument("--table-only", action="store_true",
                    help="write the table of what is evaluated so far, running nothing (a study still under way)")
     p.set_defaults(fn=cmd_study)
@@ -341,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--save-audio", metavar="DIR",
+                   help="keep every scored clip as DIR/<id>.wav (each output row records its path)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("tts", help="zero-shot TTS with a policy: text + voice prompt WAV -> WAV")
@@ -361,6 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_vc)
+
+    p = sub.add_parser("cache", help="list the stage caches (samples, judgments, evaluations); prune what no current "
+                                     "code can read")
+    p.add_argument("--cache-dir", default="runs/_cache", help="the runs' cache_dir (default runs/_cache)")
+    p.add_argument("--prune", action="store_true", help="remove entries made by other code (never read again)")
+    p.add_argument("--older-than", type=float, metavar="DAYS", help="with --prune: also entries older than DAYS")
+    p.add_argument("--all", action="store_true", help="with --prune: every stage-cache entry")
+    p.add_argument("--dry-run", action="store_true", help="with --prune: list what would go, remove nothing")
+    p.set_defaults(fn=cmd_cache)
 
     from eval.listen_app import add_subparser  # `speechalign listen`: Flask is imported when it runs
 

@@ -28,11 +28,13 @@ from models.reward import RewardConfig
 FLITE_VOICES = ("slt", "awb", "rms", "kal16", "kal")
 # Corpus fields that change what is on disk; `num_workers` only changes how fast it gets there.
 CORPUS_IDENTITY_EXCLUDE = ("num_workers",)
+# Data defects the embedded corpus can plant in its train split (align/corpus.py, the positive control).
+CORPUS_DEFECTS = ("none", "pause")
 
 # Registries' names, checked against the registries themselves in tests/test_config.py.
 BaseStageName = Literal["sft", "speechgpt", "speechgpt_gen"]
 PairStrategyName = Literal["golden_vs_synthetic", "ranked_samples", "human", "mixed"]
-PairScorerName = Literal["wer", "sim", "dnsmos"]
+PairScorerName = Literal["wer", "sim", "dnsmos", "pause"]
 MethodName = Literal["dpo", "sft_control", "reward_bon", "grpo", "coh"]
 
 
@@ -47,6 +49,9 @@ class DataConfig:
     train: str | None = field(default=None, metadata={
         "help": "source=manifests: training manifest (JSONL/CSV) or LibriSpeech/LibriTTS/VCTK folder"})
     dev: str | None = field(default=None, metadata={"help": "source=manifests: dev manifest or folder (optional)"})
+    val: str | None = field(default=None, metadata={
+        "help": "source=manifests: the validation manifest or folder that train.validate_every chooses checkpoints "
+                "on, held out of the dev table (optional)"})
     test: str | None = field(default=None, metadata={"help": "source=manifests: test manifest or folder"})
     max_seconds: float = field(default=10.0, metadata={
         "help": "utterances longer than this are skipped (and recorded) rather than trained on"})
@@ -72,6 +77,10 @@ class CorpusConfig:
         "help": "sentences held out for dev (spoken by every voice), never seen in train"})
     n_test_sentences: int = field(default=40, metadata={
         "help": "sentences held out for test (spoken by every voice), never seen in train or dev"})
+    n_val_sentences: int = field(default=0, metadata={
+        "help": "sentences of a validation split (spoken by every voice) that train.validate_every chooses "
+                "checkpoints on, so the dev table grades choices it did not make; drawn after the n_sentences others "
+                "(train, dev and test do not move)"})
     voices: list[str] = field(default_factory=lambda: ["slt", "awb", "rms", "kal16"], metadata={
         "help": f"flite voices, one speaker each; available: {', '.join(FLITE_VOICES)}"})
     voices_per_sentence: int = field(default=2, metadata={
@@ -84,9 +93,17 @@ class CorpusConfig:
         "help": "trim flite's ~0.2 s leading / ~0.1 s trailing silence, keeping 50 ms each side"})
     num_workers: int = field(default=2, metadata={
         "help": "flite processes run at once; does not change the output (not part of the corpus identity)"})
+    defect: str = field(default="none", metadata={
+        "help": "a data defect planted in a fraction of the TRAIN utterances (the positive control, "
+                "configs/positive_control.yaml): 'pause' = the sentence spoken in two parts with a long silence "
+                "between two of its words (at a random word boundary); 'none' = clean. Dev, test and val stay clean"})
+    defect_fraction: float = field(default=0.3, metadata={
+        "help": "share of train utterances that carry the defect (each drawn on its own, seeded by its id)"})
+    pause_seconds: list[float] = field(default_factory=lambda: [0.5, 0.8], metadata={
+        "help": "defect=pause: the silence's length in seconds, drawn uniformly from [lo, hi]"})
 
     def __post_init__(self):
-        for key in ("n_sentences", "n_dev_sentences", "n_test_sentences", "voices_per_sentence",
+        for key in ("n_sentences", "n_dev_sentences", "n_test_sentences", "n_val_sentences", "voices_per_sentence",
                     "sample_rate", "seed", "num_workers"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -95,6 +112,8 @@ class CorpusConfig:
             raise ValueError(
                 f"corpus.n_dev_sentences={self.n_dev_sentences} and corpus.n_test_sentences="
                 f"{self.n_test_sentences} must both be >= 1: empty dev/test manifests cannot be evaluated")
+        if self.n_val_sentences < 0:
+            raise ValueError(f"corpus.n_val_sentences={self.n_val_sentences} must be >= 0 (0: no validation split)")
         if self.n_sentences <= self.n_dev_sentences + self.n_test_sentences:
             raise ValueError(
                 f"corpus.n_sentences={self.n_sentences} leaves no train sentence after "
@@ -123,6 +142,13 @@ class CorpusConfig:
             raise ValueError(f"corpus.trim_silence={self.trim_silence!r} must be true or false")
         if self.num_workers < 1:
             raise ValueError(f"corpus.num_workers={self.num_workers} must be >= 1")
+        if self.defect not in CORPUS_DEFECTS:
+            raise ValueError(f"corpus.defect={self.defect!r}: choose one of {', '.join(CORPUS_DEFECTS)}")
+        if not 0.0 <= self.defect_fraction <= 1.0:
+            raise ValueError(f"corpus.defect_fraction={self.defect_fraction} must be in [0, 1]")
+        self.pause_seconds = [float(x) for x in self.pause_seconds]
+        if len(self.pause_seconds) != 2 or not 0 < self.pause_seconds[0] <= self.pause_seconds[1] <= 5:
+            raise ValueError(f"corpus.pause_seconds={self.pause_seconds} must be [lo, hi] with 0 < lo <= hi <= 5")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CorpusConfig":
@@ -134,8 +160,14 @@ class CorpusConfig:
         return cls(**d)
 
     def identity(self) -> dict:
-        """The fields that decide what the corpus holds (compared to reuse a finished build)."""
-        return {k: v for k, v in asdict(self).items() if k not in CORPUS_IDENTITY_EXCLUDE}
+        """The fields that decide what the corpus holds (compared to reuse a finished build). A field added later is
+        left out at its default, so corpora built before it keep their identity (and their folder)."""
+        added_later = {"n_val_sentences": 0, "defect": "none"}
+        out = {k: v for k, v in asdict(self).items()
+               if k not in CORPUS_IDENTITY_EXCLUDE and not (k in added_later and v == added_later[k])}
+        if self.defect == "none":  # the defect's settings shape nothing when there is none
+            out.pop("defect_fraction"), out.pop("pause_seconds")
+        return out
 
 
 @dataclass
@@ -319,7 +351,8 @@ class GRPOStageConfig:
 
     reward: str = field(default="reward_model", metadata={
         "help": "reward_model: a reward model trained on the round's pairs (train.reward); wer: -WER of the "
-                "rendered completion; wer_sim: -WER + sim_weight x SIM (ASR + speaker encoder per completion: slow)"})
+                "rendered completion; wer_sim: -WER + sim_weight x SIM (ASR + speaker encoder per completion: slow); "
+                "pause: 1 for a completion without the pause defect, 0 with it (eval/defects.py; no ASR)"})
     steps: int = field(default=8, metadata={"help": "optimiser steps"})
     learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     num_generations: int = field(default=4, metadata={"help": "completions per prompt (the group)"})
@@ -333,10 +366,14 @@ class GRPOStageConfig:
         "help": "longest completion in codec frames; 0 = policy.max_seconds x codec frame rate"})
     loss_type: str = field(default="dapo", metadata={"help": "trl.GRPOConfig loss_type: grpo, dr_grpo, dapo, bnpo, ..."})
     sim_weight: float = field(default=1.0, metadata={"help": "wer_sim: weight of SIM against -WER"})
+    pause_weight: float = field(default=0.0, metadata={
+        "help": "wer / wer_sim: subtracted from the reward of a completion with the pause defect (eval/defects.py)"})
 
     def __post_init__(self):
-        if self.reward not in ("reward_model", "wer", "wer_sim"):
-            raise ValueError(f"train.grpo.reward={self.reward!r}: choose reward_model, wer or wer_sim")
+        if self.reward not in ("reward_model", "wer", "wer_sim", "pause"):
+            raise ValueError(f"train.grpo.reward={self.reward!r}: choose reward_model, wer, wer_sim or pause")
+        if self.pause_weight < 0:
+            raise ValueError(f"train.grpo.pause_weight={self.pause_weight} must be >= 0 (it is subtracted)")
         if self.num_generations < 2:
             raise ValueError("train.grpo.num_generations must be >= 2 (advantages are relative within a group)")
         if self.steps < 1 or self.prompts_per_step < 1 or self.learning_rate <= 0 or self.beta < 0:
@@ -359,10 +396,12 @@ class TrainConfig:
         "help": "reward_bon: only samples whose length is within [lo, hi] x the text's expected length may win "
                 "(the closest when none is); [0, 1e9] turns the guard off"})
     validate_every: int = field(default=0, metadata={
-        "help": "speak and score a dev subset every N optimiser steps (and at step 0: round k-1's policy) and keep "
-                "the dev-best checkpoint as the round's policy (align/validation.py); 0 = off, the last step's weights"})
+        "help": "speak and score a validation subset every N optimiser steps (and at step 0: round k-1's policy) and "
+                "keep the best checkpoint as the round's policy (align/validation.py); needs a validation split held "
+                "out of dev (corpus.n_val_sentences or data.val); 0 = off, the last step's weights"})
     validate_utterances: int = field(default=40, metadata={
-        "help": "validate_every > 0: dev utterances spoken at each validation (a fixed seeded subset)"})
+        "help": "validate_every > 0: validation-split utterances spoken at each validation (a fixed seeded subset "
+                "of corpus.n_val_sentences' / data.val's, which the dev table never grades)"})
     coh_rejected: bool = field(default=True, metadata={
         "help": "coh: also train on <bad>-hinted rejected sequences (false: only <good>-hinted chosen)"})
     reward: RewardConfig = field(default_factory=RewardConfig)

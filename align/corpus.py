@@ -6,11 +6,14 @@ nothing: `generate_sentences` writes short English sentences from a small gramma
 
     out_dir/wav/<voice>/<voice>_<sentence>.wav
     out_dir/train.jsonl  dev.jsonl  test.jsonl     # rows {id, audio, text, speaker, duration}
+    out_dir/val.jsonl                              # with n_val_sentences > 0: checkpoint choice's split
     out_dir/corpus.json                            # config + counts; written last = "done"
 
 Dev and test sentences are spoken by every voice, so every speaker is evaluated; each train
 sentence by `voices_per_sentence` voices. Sentences are split test-first, then dev, then train, and
-generation is prefix-stable, so the dev/test sets do not move when `n_sentences` grows.
+generation is prefix-stable, so the dev/test sets do not move when `n_sentences` grows. Validation
+sentences (`n_val_sentences`, every voice) are the ones generated after those `n_sentences`, so adding
+them moves no train, dev or test utterance.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
@@ -36,7 +40,7 @@ from align.config import CORPUS_IDENTITY_EXCLUDE, CorpusConfig
 from models.audio import is_silent_or_short, load_audio, save_audio
 from models.data import Utterance, write_manifest
 from models.io import atomic_write_text
-from models.phones import alignment_path, parse_psdur, segments_from_ends, write_alignment
+from models.phones import alignment_path, parse_psdur, read_alignment, segments_from_ends, write_alignment
 
 log = logging.getLogger("speechalign.corpus")
 
@@ -212,11 +216,11 @@ def _installed_voices(exe: str) -> set[str]:
     return set(out.split(":", 1)[-1].split())
 
 
-def synthesise(exe: str, voice: str, text: str, out_path: Path, sample_rate: int, trim: bool) -> None:
-    """Speak `text` with `voice` into `out_path` (16-bit WAV at `sample_rate`), atomically, with its phone
-    alignment beside it (models/phones.py: flite's own durations, on the trimmed WAV's clock)."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, raw = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.stem}.", suffix=".flite.wav")
+def speak(exe: str, voice: str, text: str, sample_rate: int, trim: bool, tmp_dir: Path
+          ) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
+    """`text` spoken by flite's `voice`: (float32 waveform [n] at `sample_rate`, its phone segments on that
+    waveform's clock: flite's own durations, after silence trimming)."""
+    fd, raw = tempfile.mkstemp(dir=tmp_dir, prefix=".speak.", suffix=".flite.wav")
     os.close(fd)
     try:
         proc = subprocess.run([exe, "-voice", voice, "-psdur", "-t", text, "-o", raw], capture_output=True,
@@ -225,18 +229,71 @@ def synthesise(exe: str, voice: str, text: str, out_path: Path, sample_rate: int
             raise RuntimeError(f"flite -voice {voice} failed on {text!r} (exit {proc.returncode}): "
                                f"{proc.stderr.strip() or proc.stdout.strip()}; check `flite -lv` lists {voice}")
         wav = load_audio(raw, sample_rate)  # resamples voices whose native rate differs (kal: 8 kHz)
-        ends = parse_psdur(proc.stdout)
-        start, end = trim_bounds(wav, sample_rate) if trim else (0, len(wav))
-        # flite's clock runs a little off the WAV it writes; its last phone ends where the file does
-        segments = segments_from_ends(ends, scale=len(wav) / sample_rate / ends[-1][1], offset=start / sample_rate)
-        wav = wav[start:end]
-        if is_silent_or_short(wav, sample_rate):
-            raise RuntimeError(f"flite voice {voice} produced silence for {text!r}; the voice is broken, "
-                               "drop it from corpus.voices or reinstall flite")
-        write_alignment(out_path, segments, source=f"flite -voice {voice} -psdur")
-        save_audio(out_path, wav, sample_rate)  # last: a finished wav means its alignment is there too
     finally:
         Path(raw).unlink(missing_ok=True)
+    ends = parse_psdur(proc.stdout)
+    start, end = trim_bounds(wav, sample_rate) if trim else (0, len(wav))
+    # flite's clock runs a little off the WAV it writes; its last phone ends where the file does
+    segments = segments_from_ends(ends, scale=len(wav) / sample_rate / ends[-1][1], offset=start / sample_rate)
+    wav = wav[start:end]
+    if is_silent_or_short(wav, sample_rate):
+        raise RuntimeError(f"flite voice {voice} produced silence for {text!r}; the voice is broken, "
+                           "drop it from corpus.voices or reinstall flite")
+    return wav, segments
+
+
+# The planted pause's own noise: white noise this far below full scale, about the floor of flite's quiet voices
+# (a recording's pause is room noise, not digital zeros).
+PAUSE_NOISE_DBFS = -70.0
+
+
+def synthesise(exe: str, voice: str, text: str, out_path: Path, sample_rate: int, trim: bool,
+               pause: dict | None = None) -> dict | None:
+    """Speak `text` with `voice` into `out_path` (16-bit WAV at `sample_rate`), atomically, with its phone
+    alignment beside it (models/phones.py: flite's own durations, on the trimmed WAV's clock).
+
+    pause: ``{"after_word": j, "seconds": s}`` plants the pause defect: the first j words and the rest are spoken
+    as two utterances and joined by s seconds of low noise (a ``pau`` segment in the alignment), as a speaker who
+    stopped mid-sentence and went on. Returns the planted defect with its place in the file
+    (``start``/``end`` seconds of the inserted silence), or None."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    source = f"flite -voice {voice} -psdur"
+    if pause is None:
+        wav, segments = speak(exe, voice, text, sample_rate, trim, out_path.parent)
+        planted = None
+    else:
+        words = text.split()
+        j = pause["after_word"]
+        if not 1 <= j < len(words):
+            raise ValueError(f"a pause after word {j} of {text!r} is not inside the sentence")
+        a, seg_a = speak(exe, voice, " ".join(words[:j]), sample_rate, trim, out_path.parent)
+        b, seg_b = speak(exe, voice, " ".join(words[j:]), sample_rate, trim, out_path.parent)
+        rng = np.random.default_rng(zlib.crc32(f"{out_path.stem}|pause".encode()))
+        gap = (rng.standard_normal(int(round(pause["seconds"] * sample_rate))) * 10 ** (PAUSE_NOISE_DBFS / 20))
+        t0, t1 = len(a) / sample_rate, (len(a) + len(gap)) / sample_rate
+        wav = np.concatenate([a, gap.astype(np.float32), b])
+        segments = seg_a + [("pau", t0, t1)] + [(p, s + t1, e + t1) for p, s, e in seg_b]
+        planted = dict(pause, defect="pause", start=round(t0, 5), end=round(t1, 5))
+        source += f" (two parts, a {pause['seconds']:.3f} s pause after word {j}: corpus.defect=pause)"
+    write_alignment(out_path, segments, source=source)
+    save_audio(out_path, wav, sample_rate)  # last: a finished wav means its alignment is there too
+    return planted
+
+
+def planted_defect(cfg: CorpusConfig, split: str, uid: str, text: str) -> dict | None:
+    """The defect `cfg` plants in utterance `uid` (train only), or None: drawn from (corpus seed, uid) alone, so it
+    is the same whatever else the corpus holds. defect=pause: ``{"after_word": j, "seconds": s}``, j a uniformly
+    drawn word boundary inside the sentence."""
+    if cfg.defect == "none" or split != "train":
+        return None
+    rng = random.Random(f"speechalign-defect-{cfg.seed}-{uid}")
+    if rng.random() >= cfg.defect_fraction:
+        return None
+    n_words = len(text.split())
+    if n_words < 2:
+        return None
+    lo, hi = cfg.pause_seconds
+    return {"after_word": rng.randint(1, n_words - 1), "seconds": round(rng.uniform(lo, hi), 3)}
 
 
 def _check_voices(exe: str, cfg: CorpusConfig) -> None:
@@ -250,18 +307,25 @@ def _check_voices(exe: str, cfg: CorpusConfig) -> None:
             synthesise(exe, v, "hello there", Path(tmp) / f"{v}.wav", cfg.sample_rate, cfg.trim_silence)
 
 
+def splits_of(cfg: CorpusConfig) -> tuple[str, ...]:
+    """The corpus's splits: train, dev, test, and val when it has validation sentences."""
+    return ("train", "dev", "test") + (("val",) if cfg.n_val_sentences else ())
+
+
 def _plan(cfg: CorpusConfig) -> dict[str, list[tuple[str, str, str]]]:
-    """{split: [(utt_id, voice, text)]}: test sentences first, then dev, then train (prefix-stable)."""
-    sentences = generate_sentences(cfg.n_sentences, cfg.seed)
+    """{split: [(utt_id, voice, text)]}: test sentences first, then dev, then train (prefix-stable), then val."""
+    sentences = generate_sentences(cfg.n_sentences + cfg.n_val_sentences, cfg.seed)
     width = max(4, len(str(cfg.n_sentences - 1)))
     n_test, n_dev = cfg.n_test_sentences, cfg.n_dev_sentences
     # Each train sentence gets one voice combination, cycling through all of them in a seeded order:
     # every voice speaks the same number of train sentences (+-1), and every voice pair co-occurs.
     combos = list(itertools.combinations(cfg.voices, cfg.voices_per_sentence))
     random.Random(f"speechalign-voices-{cfg.seed}").shuffle(combos)
-    plan: dict[str, list[tuple[str, str, str]]] = {"train": [], "dev": [], "test": []}
+    plan: dict[str, list[tuple[str, str, str]]] = {s: [] for s in splits_of(cfg)}
     for i, text in enumerate(sentences):
-        if i < n_test:
+        if i >= cfg.n_sentences:
+            split, voices = "val", cfg.voices
+        elif i < n_test:
             split, voices = "test", cfg.voices
         elif i < n_test + n_dev:
             split, voices = "dev", cfg.voices
@@ -277,26 +341,29 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
 
     Idempotent: returns at once when `out_dir/corpus.json` records the same config. A killed run
     resumes: each wav is written atomically, so an existing wav is finished and is not redone.
-    Returns {"train", "dev", "test": manifest paths, "corpus": corpus.json path}.
+    Returns {"train", "dev", "test" (and "val"): manifest paths, "corpus": corpus.json path}.
     Raises RuntimeError if flite or a voice is missing/broken; ValueError if `out_dir` holds a
     corpus (finished or not) built with a different config.
     """
     out_dir = Path(out_dir).expanduser().absolute()
-    paths = {s: out_dir / f"{s}.jsonl" for s in ("train", "dev", "test")}
+    paths = {s: out_dir / f"{s}.jsonl" for s in splits_of(cfg)}
     paths["corpus"] = out_dir / "corpus.json"
     pending = out_dir / ".corpus.pending.json"
     identity = cfg.identity()
     for marker in (paths["corpus"], pending):
         if marker.is_file():
             stored = json.loads(marker.read_text(encoding="utf-8")).get("config", {})
-            stored = {k: v for k, v in stored.items() if k not in CORPUS_IDENTITY_EXCLUDE}
+            try:  # through the schema, so fields added since it was built compare at their defaults
+                stored = CorpusConfig.from_dict(stored).identity()
+            except (TypeError, ValueError):
+                stored = {k: v for k, v in stored.items() if k not in CORPUS_IDENTITY_EXCLUDE}
             if stored != identity:
                 diff = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
                 raise ValueError(
                     f"{out_dir} holds a corpus built with another config (differs in: {', '.join(diff)}); "
                     "pass a new out_dir, or delete this one to rebuild")
     # (a corpus written before alignments existed lacks "alignments" and gets them below)
-    if (paths["corpus"].is_file() and all(paths[s].is_file() for s in ("train", "dev", "test"))
+    if (paths["corpus"].is_file() and all(paths[s].is_file() for s in splits_of(cfg))
             and json.loads(paths["corpus"].read_text(encoding="utf-8")).get("alignments")):
         log.info("corpus at %s is already prepared", out_dir)
         return paths
@@ -314,6 +381,8 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
         stale.unlink(missing_ok=True)
     plan = _plan(cfg)
     wav_path = lambda uid, voice: out_dir / "wav" / voice / f"{uid}.wav"  # noqa: E731
+    defects = {uid: d for split, rows in plan.items() for uid, _, text in rows
+               if (d := planted_defect(cfg, split, uid, text)) is not None}
     todo = [(uid, v, text) for rows in plan.values() for uid, v, text in rows
             if not (wav_path(uid, v).is_file() and alignment_path(wav_path(uid, v)).is_file())]
     total = sum(len(rows) for rows in plan.values())
@@ -322,7 +391,8 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
     # Threads, not processes: the work happens in the flite subprocess (and in numpy/libsndfile,
     # which release the GIL), and forking a parent that may hold torch state is asking for trouble.
     with ThreadPoolExecutor(max_workers=cfg.num_workers) as pool:
-        futures = {pool.submit(synthesise, exe, v, text, wav_path(uid, v), cfg.sample_rate, cfg.trim_silence): uid
+        futures = {pool.submit(synthesise, exe, v, text, wav_path(uid, v), cfg.sample_rate, cfg.trim_silence,
+                               defects.get(uid)): uid
                    for uid, v, text in todo}
         try:
             for fut in tqdm(as_completed(futures), total=len(futures), desc="flite corpus", unit="utt",
@@ -334,6 +404,15 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
                 fut.cancel()
             raise
 
+    if cfg.defect != "none":  # the planted defects with their place in each file: the detector's ground truth
+        rows = []
+        for uid, d in sorted(defects.items()):
+            voice = next(v for u, v, _ in plan["train"] if u == uid)
+            pau = [(s_, e) for p, s_, e in read_alignment(wav_path(uid, voice)) or [] if p == "pau"
+                   and abs((e - s_) - d["seconds"]) < 2e-3]
+            rows.append(dict(d, id=uid, defect=cfg.defect, start=pau[0][0] if pau else None,
+                             end=pau[0][1] if pau else None))
+        atomic_write_text(out_dir / "defects.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     counts: dict[str, dict] = {}
     for split, rows in plan.items():
         utts = []
@@ -354,7 +433,9 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict[str, P
                   "hours": round(sum(c["hours"] for c in counts.values()), 4)},
         "speakers": list(cfg.voices),
         "alignments": "flite -psdur phone segments beside each wav (<id>.align.json)",
-        "manifests": {s: paths[s].name for s in ("train", "dev", "test")},
+        "defects": ({"defect": cfg.defect, "utterances": len(defects), "of_train": counts["train"]["utterances"],
+                     "file": "defects.jsonl"} if cfg.defect != "none" else None),
+        "manifests": {s: paths[s].name for s in splits_of(cfg)},
         "seconds_to_prepare": round(time.monotonic() - t0, 1),
     }
     atomic_write_text(paths["corpus"], json.dumps(summary, indent=2) + "\n")  # last: marks the corpus done

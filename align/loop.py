@@ -116,7 +116,8 @@ def round_row(run: RunDir, k: int) -> dict | None:
         return None
     summary = read_json(summary_path)
     row = {"round": k, "wer": summary["wer"], "sim": summary["sim"], "n_eval": summary["n"],
-           "empty_outputs": summary.get("empty_outputs", 0), "mean_duration": summary.get("mean_duration")}
+           "empty_outputs": summary.get("empty_outputs", 0), "mean_duration": summary.get("mean_duration"),
+           "defect_rate": summary.get("defect_rate"), "defect_n": summary.get("defect_n")}
     for key in ("dnsmos", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "utmos", "gap_auc", "gap_logp_margin",
                 "gap_logp_golden", "gap_logp_synthetic"):
         if key in summary:  # optional: quality where scored, the gap where eval.gap_utterances > 0

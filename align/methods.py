@@ -78,9 +78,11 @@ def _write_metrics(work: Path, stats: dict, history: list[dict]) -> None:
     write_json(work / "metrics.json", {"summary": stats, "history": history})
 
 
-def _finish(ctx: "Context", k: int, policy, stats: dict, history: list[dict], trainer_dir: Path | None = None) -> None:
+def _finish(ctx: "Context", k: int, policy, stats: dict, history: list[dict], trainer_dir: Path | None = None,
+            validator=None) -> None:
     """Round k's policy and ``train/metrics.json``, written by rank 0 once every rank is done (the ranks
-    hold the same weights); the trainer's checkpoints go, the policy dir is the round's checkpoint."""
+    hold the same weights); the trainer's checkpoints go, the policy dir is the round's checkpoint, and so do
+    the dev validation's weights of superseded steps."""
     ctx.ranks.barrier()
     if not ctx.ranks.is_main:
         return
@@ -90,6 +92,30 @@ def _finish(ctx: "Context", k: int, policy, stats: dict, history: list[dict], tr
     _write_metrics(work, stats, history)
     if trainer_dir is not None:
         shutil.rmtree(trainer_dir, ignore_errors=True)
+    if validator is not None:
+        validator.end_round()
+
+
+def kept_figures(history: list[dict], keys: dict[str, str], kept_step: int | None) -> dict:
+    """The training figures of the weights a round keeps, and of its last steps.
+
+    history: the trainer's log rows (``logging_steps=1``: one per optimiser step, each with its ``step``);
+    keys: summary name -> logged key (``{"loss": "loss"}``); kept_step: the step whose weights the round keeps
+    (``train.validate_every``'s dev-best step; None = the last step). Returns ``name``: ``tail_mean`` over the
+    logged steps up to and including ``kept_step`` (the same smoothing as without validation, ending where the
+    kept weights were), ``name_last``: ``tail_mean`` over every logged step, and ``figures_of`` saying which.
+    Step 0 kept (round k-1's policy, no step taken) -> None for every ``name``: no training step describes it.
+    """
+    upto = history if kept_step is None else [h for h in history if h["step"] <= kept_step]
+    out = {name: tail_mean(upto, key) for name, key in keys.items()}
+    out.update({f"{name}_last": tail_mean(history, key) for name, key in keys.items()})
+    if kept_step is None:
+        out["figures_of"] = "the last logged steps"
+    elif kept_step == 0:
+        out["figures_of"] = "none: step 0 (round k-1's policy) was kept; the *_last figures are of the last steps"
+    else:
+        out["figures_of"] = f"the logged steps up to the kept step {kept_step}"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +192,26 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+def drop_checkpoints_of_another_start(ctx: "Context", k: int) -> None:
+    """Trainer checkpoints of round k resume only onto the round k-1 policy they started from: the train stage's
+    ``start.json`` records its digest, and checkpoints left by a run from another round k-1 policy (that round
+    redone, then ``--only-stage train``) are removed with a warning instead of resumed."""
+    from models.digest import dir_digest
+    from models.io import read_json
+
+    work = ctx.run.train_dir(k)
+    if ctx.ranks.is_main:
+        start = {"policy_digest": dir_digest(ctx.run.policy_dir(k - 1))}
+        path = work / "start.json"
+        if path.is_file() and read_json(path) != start and (work / "trainer").is_dir():
+            log.warning("round %d: removing the trainer checkpoints in %s: they started from another round %d policy",
+                        k, work / "trainer", k - 1)
+            shutil.rmtree(work / "trainer", ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(path, start)
+    ctx.ranks.barrier()
+
+
 def _trl_preference(ctx: "Context", k: int, rows: list[dict], *, method: str, loss_type: list[str],
                     loss_weights: list[float] | None) -> dict:
     """Round k's policy from round k-1's through ``trl.DPOTrainer`` on ``rows`` ({prompt, chosen, rejected}).
@@ -217,6 +263,7 @@ def _trl_preference(ctx: "Context", k: int, rows: list[dict], *, method: str, lo
         trainer = DPOTrainer(model=policy.lm, ref_model=None if dcfg.lora else ref, args=args, train_dataset=dataset,
                              processing_class=policy.tokenizer, peft_config=peft_config, callbacks=callbacks)
     validator = _validator(ctx, k, policy, trainer)
+    drop_checkpoints_of_another_start(ctx, k)
     checkpoints = complete_checkpoints(work / "trainer")
     resume = str(checkpoints[-1]) if checkpoints else None
     if resume:
@@ -239,17 +286,18 @@ def _trl_preference(ctx: "Context", k: int, rows: list[dict], *, method: str, lo
             model = model.merge_and_unload()
         policy.lm = model.eval()
     policy.lm.__dict__.pop("forward", None)  # the trainer's scoring head (align/scoring.py) stays with the trainer
-    stats = {"method": method, "steps": result.global_step, "loss": tail_mean(history, "loss"),
-             "reward_accuracy": tail_mean(history, "rewards/accuracies"),
-             "reward_margin": tail_mean(history, "rewards/margins"), "logps_chosen": tail_mean(history, "logps/chosen"),
-             "logps_rejected": tail_mean(history, "logps/rejected"), "pairs": len(rows),
+    figures = kept_figures(history, {"loss": "loss", "reward_accuracy": "rewards/accuracies",
+                                     "reward_margin": "rewards/margins", "logps_chosen": "logps/chosen",
+                                     "logps_rejected": "logps/rejected"},
+                           None if validator is None else validator.best["step"])
+    stats = {"method": method, "steps": result.global_step, **figures, "pairs": len(rows),
              # the median optimiser step (the reference's forward pass included unless precomputed) and the
              # whole train() call (with dpo.precompute_ref, the pass that scores every pair first)
              "step_seconds": timer.median(), "train_seconds": round(train_seconds, 3),
              "precompute_ref": dcfg.precompute_ref, **(validator.summary() if validator is not None else {})}
-    _finish(ctx, k, policy, stats, history, work / "trainer")
-    log.info("round %d %s: loss %.4f reward acc %.3f margin %.3f%s", k, method, stats["loss"] or float("nan"),
-             stats["reward_accuracy"] or float("nan"), stats["reward_margin"] or float("nan"),
+    _finish(ctx, k, policy, stats, history, work / "trainer", validator)
+    log.info("round %d %s: loss %.4f reward acc %.3f margin %.3f (%s)%s", k, method, stats["loss"] or float("nan"),
+             stats["reward_accuracy"] or float("nan"), stats["reward_margin"] or float("nan"), stats["figures_of"],
              f"; dev-best step {stats['chosen_step']} (dev WER {stats['dev_wer']:.3f})" if validator else "")
     return stats
 
@@ -395,40 +443,50 @@ class StreamReward:
         return [float(x) for x in self.score_fn(list(prompts), streams, rows)]
 
 
-def speech_reward(wer: float, sim: float, frames: int, sim_weight: float) -> float:
-    """GRPO's direct reward of one rendered completion: (1 - min(WER, 1)) + sim_weight x SIM, and 0 for a completion
-    with no frames (it said nothing; as Koel-TTS's reward gives runaway or empty outputs 0)."""
+def speech_reward(wer: float | None, sim: float, frames: int, sim_weight: float, pause: float = 0.0,
+                  pause_weight: float = 0.0) -> float:
+    """GRPO's direct reward of one rendered completion: (1 - min(WER, 1)) + sim_weight x SIM - pause_weight x pause
+    (pause: 1.0 when the pause detector finds the defect), and 0 for a completion with no frames (it said nothing; as
+    Koel-TTS's reward gives runaway or empty outputs 0). wer None (``train.grpo.reward: pause``): 1 - pause."""
     if frames == 0:
         return 0.0
-    return (1.0 - min(float(wer), 1.0)) + sim_weight * float(sim)
+    if wer is None:
+        return 1.0 - float(pause)
+    return (1.0 - min(float(wer), 1.0)) + sim_weight * float(sim) - pause_weight * float(pause)
 
 
-def _direct_reward(ctx: "Context", k: int, policy, with_sim: bool) -> Callable:
+def _direct_reward(ctx: "Context", k: int, policy, kind: str) -> Callable:
     """``speech_reward`` of each completion rendered through round k-1's renderer and codec, judged by the run's
-    scorers (the pair stage's ``SCORERS``)."""
+    scorers (the pair stage's ``SCORERS``): kind wer, wer_sim or pause (``train.grpo.reward``), minus
+    ``train.grpo.pause_weight`` x the pause detector's verdict."""
     from align.pairs import SCORERS, SampleBatch
 
-    wer_fn = SCORERS["wer"](ctx)
-    sim_fn = SCORERS["sim"](ctx) if with_sim else None
-    w = ctx.cfg.train.grpo.sim_weight if with_sim else 0.0
+    gcfg = ctx.cfg.train.grpo
+    wer_fn = SCORERS["wer"](ctx) if kind in ("wer", "wer_sim") else None
+    sim_fn = SCORERS["sim"](ctx) if kind == "wer_sim" else None
+    pause_fn = SCORERS["pause"](ctx) if kind == "pause" or gcfg.pause_weight > 0 else None
+    w = gcfg.sim_weight if kind == "wer_sim" else 0.0
 
     def score(prompts, streams, rows):
         batch = SampleBatch(ctx, k, [{"id": r["utt_id"], "prompt_id": r["prompt_id"], "text": r["text"], "codes": c}
                                      for r, c in zip(rows, streams)])
         if policy is not None:
             batch.__dict__["policy"] = policy  # already loaded: no second copy
-        wers = wer_fn(batch)
-        sims = sim_fn(batch) if sim_fn else [0.0] * len(wers)
+        n = len(streams)
+        wers = wer_fn(batch) if wer_fn else [None] * n
+        sims = sim_fn(batch) if sim_fn else [0.0] * n
+        pauses = pause_fn(batch) if pause_fn else [0.0] * n
         frames = [sum(1 for x in c if x >= 0) for c in streams]
-        return [speech_reward(a, b, f, w) for a, b, f in zip(wers, sims, frames)]
+        return [speech_reward(a, b, f, w, p, gcfg.pause_weight) for a, b, f, p in zip(wers, sims, frames, pauses)]
 
     return score
 
 
-def _walk_rollout(policy, prompts_by_str: dict, gcfg, seed: int):
+def _walk_rollout(policy, prompts_by_str: dict, gcfg, seed: int, max_frames: int | None = None):
     """TRL's ``rollout_func``: completions drawn by our sampler (``Policy.generate``: the emit rule's walk, the
-    length bound), one per prompt entry (TRL repeats each prompt ``num_generations`` times), from the weights in
-    training. Returns TRL's dict: prompt_ids, completion_ids (with ``<eos>``), logprobs None."""
+    length bound, ``max_frames`` in place of the policy's own cap where given), one per prompt entry (TRL repeats
+    each prompt ``num_generations`` times), from the weights in training. Returns TRL's dict: prompt_ids,
+    completion_ids (with ``<eos>``), logprobs None."""
     import dataclasses
 
     calls = iter(range(1 << 30))
@@ -441,7 +499,7 @@ def _walk_rollout(policy, prompts_by_str: dict, gcfg, seed: int):
         codes = [prompts_by_str[p][1] for p in prompts]
         out = view.generate(texts, codes, n=1, temperature=gcfg.temperature, top_k=gcfg.top_k,
                             seed=seed + 7919 * next(calls) + 101 * trainer.accelerator.process_index,
-                            batch_size=len(prompts))
+                            batch_size=len(prompts), max_frames=max_frames)
         lm.train(was_training)
         tok, fmt = policy.tokenizer, policy.format
         return {"prompt_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
@@ -473,7 +531,7 @@ def grpo(ctx: "Context", k: int) -> dict:
         rm, extra = _train_rm(ctx, k, policy, pairs)
         score_fn = lambda prompts, streams, rows: rm.score(prompts, streams).tolist()  # noqa: E731
     else:
-        score_fn = _direct_reward(ctx, k, policy, with_sim=gcfg.reward == "wer_sim")
+        score_fn = _direct_reward(ctx, k, policy, gcfg.reward)
     reward = StreamReward(f"reward_{gcfg.reward}", policy.tokenizer, policy.format, score_fn)
 
     rows = read_jsonl(ctx.run.samples_dir(k) / "samples.jsonl")
@@ -486,16 +544,16 @@ def grpo(ctx: "Context", k: int) -> dict:
             p = policy.conditioning(codes, r["text"])
             prompts_by_str[p] = (r["text"], codes)
             data.append({"prompt": p, "utt_id": r["id"], "prompt_id": r["prompt_id"], "text": r["text"]})
-    max_frames = gcfg.max_completion_frames or int(cfg.policy.max_seconds * ctx.codec.frame_rate)
-    if gcfg.max_completion_frames:  # the sampler's own length bound, tightened
-        policy.meta["max_seconds"] = max_frames / ctx.codec.frame_rate
+    # GRPO's rollouts alone: the policy saved as round k keeps round k-1's cap (its meta), which every later
+    # round's sampling and evaluation read
+    max_frames = gcfg.max_completion_frames or None
     args = GRPOConfig(
         output_dir=str(work / "trainer"), learning_rate=gcfg.learning_rate, max_steps=gcfg.steps,
         # prompts_per_step is the step's batch over all processes, as dpo.batch_size is: N processes take
         # the same steps as one (TRL groups the completions of a prompt across the processes)
         per_device_train_batch_size=per_process_batch(gcfg.num_generations * gcfg.prompts_per_step,
                                                       ctx.ranks.world, "train.grpo.num_generations x prompts_per_step"),
-        num_generations=gcfg.num_generations, max_completion_length=policy_max_tokens(policy, data),
+        num_generations=gcfg.num_generations, max_completion_length=policy_max_tokens(policy, data, max_frames),
         temperature=gcfg.temperature, top_k=gcfg.top_k, beta=gcfg.beta, loss_type=gcfg.loss_type,
         logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed + k, data_seed=cfg.seed + k,
         use_cpu=ctx.device == "cpu", dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
@@ -504,7 +562,8 @@ def grpo(ctx: "Context", k: int) -> dict:
     with rule_scoring(policy.emit_rule):  # TRL passes its sampling temperature: the rule's log-probs at it
         trainer = GRPOTrainer(model=policy.lm, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(data),
                               processing_class=policy.tokenizer,
-                              rollout_func=_walk_rollout(policy, prompts_by_str, gcfg, cfg.seed * 1000 + k))
+                              rollout_func=_walk_rollout(policy, prompts_by_str, gcfg, cfg.seed * 1000 + k,
+                                                         max_frames))
     validator = _validator(ctx, k, policy, trainer)
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -517,20 +576,23 @@ def grpo(ctx: "Context", k: int) -> dict:
         model.load_state_dict(validator.best_state())
     policy.lm = model.cpu().eval()
     policy.lm.__dict__.pop("forward", None)
-    summary = _summary("grpo", loss=tail_mean(history, "loss"), pairs=extra.get("rm_pairs"),
-                       grpo_reward=tail_mean(history, "reward"), grpo_reward_std=tail_mean(history, "reward_std"),
-                       prompts=len(data), steps=gcfg.steps, **extra,
+    figures = kept_figures(history, {"loss": "loss", "grpo_reward": "reward", "grpo_reward_std": "reward_std"},
+                           None if validator is None else validator.best["step"])
+    summary = _summary("grpo", **figures, pairs=extra.get("rm_pairs"), prompts=len(data), steps=gcfg.steps, **extra,
                        **(validator.summary() if validator is not None else {}))
-    _finish(ctx, k, policy, summary, history, work / "trainer")
+    _finish(ctx, k, policy, summary, history, work / "trainer", validator)
     log.info("round %d grpo: loss %s reward %s", k, summary["loss"], summary["grpo_reward"])
     return summary
 
 
-def policy_max_tokens(policy, data: list[dict]) -> int:
-    """The longest completion (tokens, ``<eos>`` included) the sampler can write for any of ``data``'s texts."""
+def policy_max_tokens(policy, data: list[dict], max_frames: int | None = None) -> int:
+    """The longest completion (tokens, ``<eos>`` included) the sampler can write for any of ``data``'s texts
+    (``max_frames``: the cap ``Policy.generate`` is given in place of the policy's own)."""
     fmt = policy.format
     if policy.emit_rule.walk:
         return max(len(fmt.units(d["text"])) for d in data) * (policy.emit_rule.max_frames + 1) + 1
+    if max_frames is not None:
+        return max_frames + 1
     return int(policy.meta.get("max_seconds", 6.0) * policy.codec.frame_rate) + 1
 
 

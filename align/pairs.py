@@ -72,6 +72,20 @@ class SampleBatch:
         return [self.policy.render(torch.tensor(r["codes"], dtype=torch.long), self.ctx.codes(by_id[r["prompt_id"]]))
                 for r in tqdm(self.rows, desc="rendering samples", leave=False)]
 
+    @cached_property
+    def logmels(self) -> list:
+        """Each sample's log-mel as the policy renders it (``Policy.render_logmel``: before the vocoder, where the
+        phone renderer gives one), for judges of the spectrogram (the pause detector)."""
+        import torch
+        from tqdm import tqdm
+
+        if not getattr(self.policy, "renders_logmel", False):  # no mel renderer: judges read the audio
+            return None
+        by_id = {u.id: u for u in self.ctx.splits.train}
+        return [self.policy.render_logmel(torch.tensor(r["codes"], dtype=torch.long),
+                                          self.ctx.codes(by_id[r["prompt_id"]]))
+                for r in tqdm(self.rows, desc="rendering log-mels", leave=False)]
+
     def reference_audio(self) -> list[str]:
         """Each sample's real recording (the SIM reference, as in evaluation)."""
         by_id = {u.id: u for u in self.ctx.splits.train}
@@ -109,7 +123,27 @@ def _dnsmos_scorer(ctx: "Context"):
     return score
 
 
-SCORERS: dict[str, Callable] = {"wer": _wer_scorer, "sim": _sim_scorer, "dnsmos": _dnsmos_scorer}
+def _pause_scorer(ctx: "Context"):
+    """1.0 for a sample with the pause defect (a long silence between its words, eval/defects.py), else 0.0: an
+    exact judge with no ASR. Weight it negatively (``pair.weights: {pause: -1}``)."""
+    from eval.defects import has_pause, pause_of_logmel, pause_of_wav
+
+    dcfg = ctx.cfg.eval.defect
+
+    def score(batch: SampleBatch) -> list[float]:
+        mels = batch.logmels
+        if mels is not None:
+            rate = batch.policy.codec.frame_rate
+            pauses = [pause_of_logmel(m, rate, dcfg) for m in mels]
+        else:
+            pauses = [pause_of_wav(w, batch.sample_rate, dcfg) for w in batch.wavs]
+        return [float(has_pause(p, dcfg)) for p in pauses]
+
+    return score
+
+
+SCORERS: dict[str, Callable] = {"wer": _wer_scorer, "sim": _sim_scorer, "dnsmos": _dnsmos_scorer,
+                                "pause": _pause_scorer}
 
 
 JUDGE_BATCH = 64  # samples rendered and scored together: the unit of sharing across ranks and of resuming
@@ -124,13 +158,18 @@ def score_samples(ctx: "Context", k: int, rows: list[dict]) -> list[dict[str, fl
     from tqdm import tqdm
 
     from align.config import config_to_dict
+    from models.digest import file_key
 
+    by_id = {u.id: u for u in ctx.splits.train}
     # the run's judges and what they judge name the folder: the same samples judged again (a study's variants
     # share round 1's) are read
     store = ctx.store("judge", ctx.run.policy_dir(k - 1), {
         "eval": config_to_dict(ctx.cfg)["eval"], "scorers": list(ctx.cfg.pair.scorers),
         "max_seconds": ctx.cfg.data.max_seconds,
-        "rows": [(r["id"], r["prompt_id"], r["text"], list(r["codes"])) for r in rows]})
+        "rows": [(r["id"], r["prompt_id"], r["text"], list(r["codes"])) for r in rows],
+        # the prompts' codes and the references' bytes (the renderer hears the prompt, SIM scores the reference)
+        "prompt_codes": ctx.prompt_digest([by_id[r["prompt_id"]] for r in rows]),
+        "references": [file_key(by_id[r["id"]].audio) for r in rows]})
     factories = [(name, SCORERS[name](ctx)) for name in ctx.cfg.pair.scorers]
     for name, scorer in factories:
         if scorer is None:

@@ -181,6 +181,8 @@ class Splits:
     dev: list[Utterance]
     test: list[Utterance]
     skipped: list[Skip] = field(default_factory=list)
+    # checkpoint choice's split (train.validate_every), held out of the dev table; empty when there is none
+    val: list[Utterance] = field(default_factory=list)
 
 
 class Context:
@@ -207,9 +209,9 @@ class Context:
 
             tag = hashlib.sha1(json.dumps(cfg.corpus.identity(), sort_keys=True).encode()).hexdigest()[:10]
             paths = prepare_corpus(cfg.corpus, Path(cfg.data.corpus_dir) / f"flite-{tag}")
-            sources = {"train": paths["train"], "dev": paths["dev"], "test": paths["test"]}
+            sources = {"train": paths["train"], "dev": paths["dev"], "test": paths["test"], "val": paths.get("val")}
         else:
-            sources = {"train": cfg.data.train, "dev": cfg.data.dev, "test": cfg.data.test}
+            sources = {"train": cfg.data.train, "dev": cfg.data.dev, "test": cfg.data.test, "val": cfg.data.val}
         out, skipped = {}, []
         for split, src in sources.items():
             if src is None:
@@ -240,7 +242,7 @@ class Context:
         for split in ("train", "test"):
             if not out[split]:
                 raise ValueError(f"the {split} split is empty after skipping bad rows; see {where}")
-        return Splits(out["train"], out["dev"], out["test"], skipped)
+        return Splits(out["train"], out["dev"], out["test"], skipped, out["val"])
 
     def prompt_for(self, utt: Utterance, pool: list[Utterance], salt: int = 0, min_seconds: float = 0.0) -> Utterance:
         """A different utterance of the same speaker as the voice prompt (deterministic); see choose_prompt."""
@@ -304,18 +306,33 @@ class Context:
 
     def store(self, kind: str, policy_dir: Path, what: dict):
         """A stage's finished batches (``models.io.BatchStore``) in a cache folder named by everything they depend on:
-        the policy directory's files and ``what`` (the items, the settings, the seeds). So a killed stage resumes at its
-        first unfinished batch, and the same policy run again on the same items with the same settings (a study's
-        variants at round 0 and in round 1's sampling and judging) reads the batches instead of computing them."""
+        the policy directory's files, the code that computes them and the library versions (``models.digest``), and
+        ``what`` (the items with their texts and prompt codes, the settings, the seeds). So a killed stage resumes at
+        its first unfinished batch, the same policy run again on the same items with the same settings (a study's
+        variants at round 0 and in round 1's sampling and judging) reads the batches instead of computing them, and
+        code that would compute something else (a changed sampler, renderer or ASR wrapper) never reads them.
+        ``meta.json`` in the folder says what it was keyed on (``speechalign cache`` lists and prunes entries)."""
+        from models.digest import code_digest, dir_digest
         from models.io import BatchStore
 
+        policy, code = dir_digest(policy_dir), code_digest()
         h = hashlib.sha1(kind.encode())
-        for f in sorted(Path(policy_dir).rglob("*")):
-            if f.is_file():
-                h.update(str(f.relative_to(policy_dir)).encode())
-                h.update(f.read_bytes())
+        h.update(policy.encode())
+        h.update(code.encode())
         h.update(json.dumps(what, sort_keys=True, default=str).encode())
-        return BatchStore(Path(self.cfg.cache_dir) / kind / h.hexdigest()[:20])
+        store = BatchStore(Path(self.cfg.cache_dir) / kind / h.hexdigest()[:20])
+        store.meta = {"kind": kind, "policy_dir": str(policy_dir), "policy_digest": policy, "code_digest": code,
+                      "run": str(self.run.root) if self.run is not None else None}
+        return store
+
+    def prompt_digest(self, utts: list[Utterance]) -> str:
+        """sha1 of the voice-prompt codes of ``utts`` (what the policy is conditioned on), for cache keys: the same
+        utterance id in another corpus or manifest speaks other audio."""
+        h = hashlib.sha1()
+        for u in utts:
+            h.update(self.codes(u).numpy().astype(np.int64).tobytes())
+            h.update(b"|")
+        return h.hexdigest()
 
     def check_codec(self, policy_dir: Path) -> None:
         """Refuse a policy trained with another codec than the one this run encodes golden tokens with (their tokens
@@ -352,10 +369,14 @@ class Context:
 
     def codes(self, utt: Utterance) -> torch.LongTensor:
         """Golden codes of an utterance: LongTensor [n_q, T], encoded once per (codec, audio file)."""
+        from models.digest import code_digest
+
         codec = self.codec
         st = os.stat(utt.audio)
         key = hashlib.sha1(f"{os.path.abspath(utt.audio)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-        path = Path(self.cfg.cache_dir) / "codes" / codec.identity / key[:2] / f"{key}.npy"
+        # the codec's weights (identity) and the code that loads and encodes audio (models/: codec, audio)
+        path = (Path(self.cfg.cache_dir) / "codes" / f"{codec.identity}-{code_digest(packages=('models',))}"
+                / key[:2] / f"{key}.npy")
         if path.exists():
             return torch.from_numpy(np.load(path).astype(np.int64))
         codes = codec.encode(self.load_wav(utt))

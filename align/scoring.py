@@ -16,6 +16,8 @@ the head has to be in place then, which is why this swaps the name the trainer m
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import types
 
 # The TRL modules whose trainers add a fused head (each imported the helper by name).
@@ -27,7 +29,9 @@ def rule_head(model, rule, temperature: float = 1.0) -> None:
     fused_lm_head=True)`` -> per-token fields [B, L-1] of the labels; without the flag, the model's own forward.
 
     The logits are materialised ([B, L, V]; at a 7B model's 33k vocabulary and 2k tokens that is 0.26 GB per
-    sequence in float32), which the rule needs: its walk pools and masks whole rows of them.
+    sequence in float32), which the rule needs: its walk pools and masks whole rows of them. The new forward
+    shows the original's signature: ``generate`` and the Trainer read ``inspect.signature(model.forward)`` (does
+    it take ``logits_to_keep``, ``attention_mask``, loss kwargs) and would otherwise see only ``*args``.
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
@@ -48,6 +52,11 @@ def rule_head(model, rule, temperature: float = 1.0) -> None:
         n = scored["label_mask"].sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-scored["log_probs"].sum() / n, **scored)
 
+    functools.update_wrapper(forward, original)
+    # ``original`` is bound (no ``self``); the bound method made below drops the first parameter it is shown
+    sig = inspect.signature(original)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
     model.forward = types.MethodType(forward, model)
 
 

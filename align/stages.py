@@ -11,6 +11,7 @@ can be re-run alone (``--only-stage``) and a killed stage leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -63,8 +64,10 @@ def sample(ctx: "Context", k: int) -> dict:
     texts = [u.text for u in subset]
     seed = cfg.seed * 1000 + k
     # finished batches survive a crash, and the same policy sampled with the same settings is read
+    # (the texts and the prompts' codes, not only their ids: ids repeat across corpus seeds and manifests)
     store = ctx.store("samples", ctx.run.policy_dir(k - 1), {
-        "sample": config_to_dict(ctx.cfg)["sample"], "seed": seed, "prompts": [(u.id, p.id) for u, p in zip(subset, prompts)],
+        "sample": config_to_dict(ctx.cfg)["sample"], "seed": seed,
+        "prompts": [(u.id, u.text, p.id) for u, p in zip(subset, prompts)], "prompt_codes": ctx.prompt_digest(prompts),
         "max_seconds": cfg.data.max_seconds})
     t0 = time.time()
     mine = []  # (start, samples of the batch's utterances) for this rank's batches
@@ -207,10 +210,17 @@ def eval_store(ctx: "Context", policy_dir: Path, items: list) -> BatchStore:
     length cap."""
     from align.config import config_to_dict
 
+    from models.digest import file_key
+
+    # save_audio is not part of the key: a hit renders the clips it lacks from the stored codes (evaluate_policy)
     ecfg = dict(config_to_dict(ctx.cfg)["eval"], gap_utterances=None, save_audio=None, extra_sets=None)
+    prompts = hashlib.sha1(b"".join((it.prompt_audio.encode() if it.prompt_codes is None else
+                                     it.prompt_codes.numpy().astype(np.int64).tobytes()) + b"|" for it in items))
     return ctx.store("evals", policy_dir, {
         "eval": ecfg, "seed": ctx.cfg.seed, "max_seconds": ctx.cfg.data.max_seconds,
-        "items": [(it.id, it.text, it.audio, it.prompt_id) for it in items]})
+        # the reference recording's bytes (SIM is scored against it) and the prompt codes the policy hears
+        "items": [(it.id, it.text, it.audio, file_key(it.audio), it.prompt_id) for it in items],
+        "prompt_codes": prompts.hexdigest()})
 
 
 def gap_items(ctx: "Context") -> list[tuple]:
@@ -253,7 +263,8 @@ def evaluate(ctx: "Context", k: int) -> dict:
                 batch_size=ecfg.batch_size, save_audio_dir=None if out is None else out / "audio",
                 save_n=ecfg.save_audio, max_seconds=ctx.cfg.data.max_seconds,
                 batches=ranks.batches(len(items), ecfg.batch_size), gather=ranks.gather,
-                store=eval_store(ctx, ctx.run.policy_dir(k), items))
+                store=eval_store(ctx, ctx.run.policy_dir(k), items), defect=ecfg.defect,
+                defect_samples=ecfg.defect_samples)
             if out is None:
                 continue
             # The item set is fixed, so the same first save_audio ids have audio every round (an empty
@@ -267,7 +278,7 @@ def evaluate(ctx: "Context", k: int) -> dict:
                 summary = set_summary
             else:
                 summary.setdefault("extra", {})[name] = {key: set_summary.get(key) for key in
-                                                         ("wer", "sim", "dnsmos", "utmos", "n")}
+                                                         ("wer", "sim", "dnsmos", "utmos", "defect_rate", "n")}
         if tmp is None:  # the gap analysis and the files are rank 0's
             return {}
         if ecfg.gap_utterances:
@@ -284,7 +295,8 @@ def evaluate(ctx: "Context", k: int) -> dict:
             summary["seconds"]["gap"] = round(time.time() - t0, 2)
             (tmp / "gap.json").write_text(json.dumps(detail))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("round %d eval: WER %.3f SIM %.3f %s(n=%d)%s", k, summary["wer"], summary["sim"],
+    log.info("round %d eval: WER %.3f SIM %.3f pauses %.3f %s(n=%d)%s", k, summary["wer"], summary["sim"],
+             summary["defect_rate"],
              "".join(f"{q} {summary[q]:.3f} " for q in ("dnsmos", "utmos") if summary.get(q) is not None), summary["n"],
              f"; gap AUC {summary['gap_auc']:.3f} log-p margin "
              f"{float('nan') if summary['gap_logp_margin'] is None else summary['gap_logp_margin']:+.3f}"

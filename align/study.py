@@ -10,13 +10,19 @@ rounds; the same policy scored again on the same items is read from the evaluati
 The table (Markdown + CSV + JSON + a plot per metric): per variant and round, WER and SIM pooled over the
 seeds with bootstrap CIs; paired tests on (seed, utterance id) of every round vs round 0 and of every
 variant vs the reference at each round; n and the test's name beside each p; Holm over every test of
-the study. ``--final test --variants A B`` then scores the chosen variants' round 0 and last round on the test
-split, once, and the results file records that this came after the dev table it was chosen on.
+the study. With >= 2 seeds the unit of those tests is the training seed (``eval.stats.seed_level_test``: a
+t-test of the per-seed deltas, the exact sign-flip p over the seeds beside it, a two-stage bootstrap CI), since
+the question is whether the method, not these runs, does better; with one seed the test is per utterance and the
+table says that its p is about these two runs only. ``--final test --variants A B`` then scores the chosen
+variants' round 0 and last round on the test split, once: every read is appended to the study's state
+(<out_dir>/<name>.study.json, ``finals``) with the dev table it came after, and a second read is refused unless
+``--force``, which the results then report.
 
     speechalign study configs/studies/efficacy.yaml                 # run what is missing, write the table
     speechalign study configs/studies/efficacy.yaml --jobs 2        # two runs at once
     speechalign study configs/studies/efficacy.yaml --print-commands   # one `speechalign run` line per run
     speechalign study configs/studies/efficacy.yaml --final test --variants judged_rpo
+    speechalign study configs/studies/efficacy.yaml --final test --variants other --force   # a second read, marked
 """
 from __future__ import annotations
 
@@ -70,9 +76,9 @@ class StudyConfig:
         if self.choose_on != "dev":
             raise ValueError(f"choose_on={self.choose_on!r}: settings are chosen on dev (the test split is read once, "
                              "with --final test)")
-        bad = [m for m in self.metrics if m not in ("wer", "sim", "dnsmos")]
+        bad = [m for m in self.metrics if m not in ("wer", "sim", "dnsmos", "defect")]
         if bad:
-            raise ValueError(f"study metrics {bad} unknown; choose from wer, sim, dnsmos")
+            raise ValueError(f"study metrics {bad} unknown; choose from wer, sim, dnsmos, defect")
         for name, overrides in self.variants.items():
             if not name or "/" in name or " " in name:
                 raise ValueError(f"variant name {name!r} must be a non-empty word (it names run directories)")
@@ -182,7 +188,8 @@ def run_all(specs: list[RunSpec], jobs: int = 1) -> None:
 def variant_table(study: StudyConfig, specs: list[RunSpec], split: str = "dev", variants: list[str] | None = None
                   ) -> pd.DataFrame:
     """Every variant's evaluated rounds pooled over seeds: one row per (variant, round, seed, utterance); ``run`` is
-    the variant and ``id`` is ``s<seed>:<utterance id>`` so paired tests pair within a seed."""
+    the variant, ``seed`` the run's training seed (the unit of the seed-level tests) and ``id`` is
+    ``s<seed>:<utterance id>`` so that even a test blind to ``seed`` pairs within a seed."""
     from eval.table import load_table, read_jsonl, rows_frame
 
     frames = []
@@ -204,6 +211,7 @@ def variant_table(study: StudyConfig, specs: list[RunSpec], split: str = "dev", 
             t = pd.concat(parts, ignore_index=True)
         t = t[t["round"] <= study.rounds].copy()
         t["run"] = spec.variant
+        t["seed"] = spec.seed
         t["id"] = [f"s{spec.seed}:{i}" for i in t["id"]]
         frames.append(t)
     if not frames:
@@ -214,7 +222,11 @@ def variant_table(study: StudyConfig, specs: list[RunSpec], split: str = "dev", 
 def study_tables(table: pd.DataFrame, metrics: list[str], reference: str, *, n_boot: int = 2000, seed: int = 0
                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(estimates per variant and round, tests): every round vs round 0 within a variant, every variant vs the
-    reference at each round; Holm over all of them together."""
+    reference at each round; Holm over all of them together.
+
+    table: ``variant_table``'s rows. Its ``seed`` column makes a comparison whose paired rows span >= 2 seeds a
+    seed-level test (``eval.stats.seed_level_test``: p and CI with the seed as the unit, ``p_within`` the
+    utterance-level p beside it); with one seed the tests are per utterance (``eval.stats.paired_test``)."""
     from eval.stats import correct_tests, round_estimates, round_tests, run_tests
 
     est = round_estimates(table, metrics, n_boot=n_boot, seed=seed)
@@ -232,8 +244,18 @@ def _fmt_p(p: float) -> str:
     return "-" if pd.isna(p) else (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
 
 
+ONE_SEED_NOTE = ("One training seed: p says these two runs differ on these utterances; it does not include the "
+                 "variance between training seeds, so it is not a test of the method.")
+
+
+def _seed_level(tests: pd.DataFrame) -> pd.Series:
+    """Per test row: whether it was tested with the seed as the unit."""
+    return tests["seeds"].notna() if "seeds" in tests.columns else pd.Series(False, index=tests.index)
+
+
 def markdown(study: StudyConfig, est: pd.DataFrame, tests: pd.DataFrame, split: str, header: str) -> str:
-    """The table as Markdown: estimates, then every test with n, its name and Holm."""
+    """The table as Markdown: estimates, then every test with n, its name and Holm; the header says which test
+    (seed-level with >= 2 seeds, else per utterance, with what a one-seed p means) and what n counts."""
     lines = [header, "", f"Per variant and round, on the {split} split, pooled over seeds {study.seeds} "
              f"({int(est['n'].max())} utterance-seed pairs per round at most). CI: 95% percentile bootstrap over "
              "utterances (2000 resamples, seeded).", ""]
@@ -244,16 +266,43 @@ def markdown(study: StudyConfig, est: pd.DataFrame, tests: pd.DataFrame, split: 
         for m in study.metrics:
             cells += [f"{r[m]:.4f}", f"[{r[f'{m}_lo']:.4f}, {r[f'{m}_hi']:.4f}]"] if m in r and pd.notna(r[m]) else ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Paired tests (B - A on the same utterances of the same seed; WER pairs per-utterance edit errors). "
-              "p: two-sided sign-flip test (exact up to 16 differing pairs, else seeded Monte Carlo); Holm over every "
-              f"test below ({len(tests)}).", "",
-              "| B | A | metric | n | delta | 95% CI | p | test | p (Holm) |", "|---|---|---|---|---|---|---|---|---|"]
-    for _, t in tests.iterrows():
-        b = f"{t['run']} r{int(t['round'])}"
-        a = f"{t['vs_run']} r{int(t['vs_round'])}"
-        lines.append(f"| {b} | {a} | {t['metric']} | {int(t['n'])} | {t['delta']:+.4f} | "
-                     f"[{t['delta_lo']:+.4f}, {t['delta_hi']:+.4f}] | {_fmt_p(t['p'])} | {t['test']} | "
-                     f"{_fmt_p(t['p_holm'])} |")
+    by_seed = _seed_level(tests)
+    lines += ["", "Paired tests: B - A on the same utterances of the same seed (WER pairs per-utterance edit errors); "
+              f"Holm over every test below ({len(tests)})."]
+    if by_seed.any():
+        s = sorted({int(x) for x in tests.loc[by_seed, "seeds"]})
+        lines += ["", f"Seed-level tests ({' / '.join(map(str, s))} seeds): the unit is the training seed, so p is "
+                  "about the method, not these runs. Per seed, delta_s = metric(B) - metric(A) on that seed's paired "
+                  "utterances; p: two-sided one-sample t-test of the S seed deltas (df = S - 1; what a mixed model "
+                  "with a random seed intercept reduces to for this balanced design; where the seed deltas do not "
+                  "vary at all t is undefined and p is the sign-flip one, as the test column says); "
+                  "`sign-flip (seeds)`: the "
+                  "exact sign-flip p over the 2^S sign patterns of the seed deltas (never below 2/2^S), beside it; "
+                  "`p within`: the utterance-level sign-flip p pooling (seed, utterance) pairs, for information "
+                  "only (it leaves the variance between seeds out). 95% CI: two-stage bootstrap (seeds with "
+                  "replacement, then utterances within each drawn seed; 2000 resamples, seeded). "
+                  "n = seeds x utterances paired; S = seeds."]
+    if not by_seed.all():
+        which = "Rows with S = 1 are utterance-level" if by_seed.any() else "Utterance-level tests"
+        lines += ["", f"{which}: p: two-sided sign-flip test on the "
+                  "paired per-utterance differences (exact up to 16 differing pairs, else seeded Monte Carlo); 95% CI: "
+                  "percentile bootstrap over utterances; n = utterances paired. " + ONE_SEED_NOTE]
+    if by_seed.any():
+        head = ["B", "A", "metric", "S", "n", "delta", "95% CI", "p", "test", "sign-flip (seeds)", "p within",
+                "p (Holm)"]
+    else:
+        head = ["B", "A", "metric", "n", "delta", "95% CI", "p", "test", "p (Holm)"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, t in tests.iterrows():
+        cells = [f"{t['run']} r{int(t['round'])}", f"{t['vs_run']} r{int(t['vs_round'])}", str(t["metric"])]
+        if by_seed.any():
+            cells.append(str(int(t["seeds"])) if by_seed[i] else "1")
+        cells += [str(int(t["n"])), f"{t['delta']:+.4f}", f"[{t['delta_lo']:+.4f}, {t['delta_hi']:+.4f}]",
+                  _fmt_p(t["p"]), str(t["test"])]
+        if by_seed.any():
+            cells += [_fmt_p(t["p_seed_signflip"]), _fmt_p(t["p_within"])]
+        cells.append(_fmt_p(t["p_holm"]))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -292,8 +341,54 @@ def _digest(df: pd.DataFrame) -> str:
     return hashlib.sha1(pd.util.hash_pandas_object(df, index=False).values.tobytes()).hexdigest()[:12]
 
 
+def state_path_of(study: StudyConfig) -> Path:
+    """The study's state file: the dev table's digest and every read of the final split."""
+    return Path(study.out_dir) / f"{study.name}.study.json"
+
+
+def final_reads(state: dict) -> list[dict]:
+    """The reads of the final split recorded in a study state, oldest first: dicts with split, variants, at, after
+    (the dev table's digest) and forced. A state written before reads were a list (one ``final`` record, which
+    overwrote its predecessor) reads as a one-element list."""
+    if "finals" in state:
+        return [dict(r) for r in state["finals"]]
+    if state.get("final"):
+        return [dict({"forced": False}, **state["final"])]
+    return []
+
+
+def record_final_read(state_path: str | Path, split: str, variants: list[str], dev_digest: str, *,
+                      force: bool = False) -> dict:
+    """Append a read of ``split`` for ``variants`` to the study state at ``state_path`` (atomically) and return it.
+
+    The final split is read once, after the choice: once its numbers are seen, another read (other variants, say)
+    is a choice made on it. So a study that already has a read is refused with a ``ValueError`` naming that read,
+    unless ``force``; a forced read is appended with ``forced: True`` (never replacing the earlier ones), and the
+    results report it as such. Called before any evaluation: a read that starts is a read, even if it crashes.
+    """
+    from models.io import read_json, write_json
+
+    state_path = Path(state_path)
+    state = read_json(state_path) if state_path.exists() else {}
+    reads = final_reads(state)
+    if reads and not force:
+        earlier = "; ".join(f"read {i} on {r['at']}: {r['split']} for {', '.join(r['variants'])}"
+                            + (" (forced)" if r.get("forced") else "") for i, r in enumerate(reads, 1))
+        raise ValueError(f"the {split} split of this study was already read ({earlier}; recorded in {state_path}). "
+                         "It is read once, after the choice: report that read. To read it again anyway (e.g. that "
+                         "read crashed before it finished; finished evaluations are cached), pass --force: the read "
+                         "is appended and the results say it was forced")
+    read = {"split": split, "variants": list(variants), "at": time.strftime("%Y-%m-%d %H:%M:%S"), "after": dev_digest,
+            "forced": bool(reads)}  # forced: it came after an earlier read (--force on a first read changes nothing)
+    state.pop("final", None)  # migrated into the list: one record of the reads, not two
+    state["finals"] = reads + [read]
+    write_json(state_path, state)
+    return read
+
+
 def write_results(study: StudyConfig, specs: list[RunSpec], study_path: str) -> Path:
-    """The dev table (and, when --final was run, the test table after it) as <results>/<name>.md/.csv/.json."""
+    """The dev table (and, after it, one table per read of the final split, in order, forced reads marked) as
+    <results>/<name>.md/.csv/.json."""
     from eval.plots import metric_vs_round
     from models.io import atomic_write_text, read_json, write_json
 
@@ -301,7 +396,7 @@ def write_results(study: StudyConfig, specs: list[RunSpec], study_path: str) -> 
     out.mkdir(parents=True, exist_ok=True)
     table = variant_table(study, specs, split=study.choose_on)
     est, tests = study_tables(table, study.metrics, study.reference)
-    state_path = Path(study.out_dir) / f"{study.name}.study.json"
+    state_path = state_path_of(study)
     state = read_json(state_path) if state_path.exists() else {}
     digest = _digest(table[["run", "round", "id", "errors", "ref_words", "sim"]])
     if state.get("dev_digest") != digest:
@@ -327,27 +422,38 @@ def write_results(study: StudyConfig, specs: list[RunSpec], study_path: str) -> 
             md += ["", f"![{m} per round]({path.name})"]
     result = {"study": study.name, "command": cmd, "split": study.choose_on, "dev_digest": digest,
               "estimates": est.to_dict(orient="records"), "tests": tests.to_dict(orient="records")}
-    final = state.get("final")
-    if final:
-        ftable = variant_table(study, specs, split=final["split"], variants=final["variants"])
-        fref = study.reference if study.reference in final["variants"] else final["variants"][0]
+    reads = final_reads(state)
+    result["finals"] = []
+    for i, read in enumerate(reads, 1):
+        ftable = variant_table(study, specs, split=read["split"], variants=read["variants"])
+        fref = study.reference if study.reference in read["variants"] else read["variants"][0]
         fest, ftests = study_tables(ftable, study.metrics, fref)
-        md += ["", markdown(study, fest, ftests, final["split"],
-                            f"## Reported on {final['split']}: {', '.join(final['variants'])}"),
-               "", f"Evaluated on {final['split']} on {final['at']}, after the {study.choose_on} table {final['after']} "
-               f"(written {state.get('dev_written')}) they were chosen on: `{cmd} --final {final['split']} --variants "
-               f"{' '.join(final['variants'])}`."]
-        result["final"] = dict(final, estimates=fest.to_dict(orient="records"), tests=ftests.to_dict(orient="records"))
+        forced = " --force" if read.get("forced") else ""
+        md += ["", markdown(study, fest, ftests, read["split"],
+                            f"## Reported on {read['split']}, read {i} of {len(reads)}"
+                            f"{' (forced)' if forced else ''}: {', '.join(read['variants'])}"),
+               "", f"Evaluated on {read['split']} on {read['at']}, after the {study.choose_on} table {read['after']} "
+               + (f"(written {state.get('dev_written')}) " if read["after"] == digest else
+                  f"(the {study.choose_on} table has changed since: now {digest}) ")
+               + f"they were chosen on: `{cmd} --final {read['split']} --variants "
+               f"{' '.join(read['variants'])}{forced}`."]
+        if forced:
+            md += ["", f"**Forced read**: made with `--force` after {'read 1' if i == 2 else f'reads 1-{i - 1}'} of "
+                   f"the {read['split']} split, whose numbers had been seen; its variants may have been chosen on "
+                   f"{read['split']}, so its p-values are not those of a single look."]
+        result["finals"].append(dict(read, estimates=fest.to_dict(orient="records"),
+                                     tests=ftests.to_dict(orient="records")))
     atomic_write_text(out / f"{study.name}.md", "\n".join(md) + "\n")
     tests.to_csv(out / f"{study.name}.csv", index=False)
     write_json(out / f"{study.name}.json", result)
     return out / f"{study.name}.md"
 
 
-def final_evaluation(study: StudyConfig, specs: list[RunSpec], variants: list[str], split: str = "test") -> None:
-    """Score round 0 and the last round of the chosen variants' runs on ``split`` (once: finished evaluations are
-    cached; round 0 is one policy per seed) into <run>/final/<split>/round_k/, and record in the study's state that
-    this came after the dev table."""
+def final_evaluation(study: StudyConfig, specs: list[RunSpec], variants: list[str], split: str = "test", *,
+                     force: bool = False) -> None:
+    """Score round 0 and the last round of the chosen variants' runs on ``split`` (finished evaluations are cached;
+    round 0 is one policy per seed) into <run>/final/<split>/round_k/, after recording the read in the study's state
+    with the dev table it came after (``record_final_read``: a second read is refused unless ``force``)."""
     from align.config import load_config
     from align.run import Context, RunDir
     from align.stages import eval_items, eval_store
@@ -358,11 +464,12 @@ def final_evaluation(study: StudyConfig, specs: list[RunSpec], variants: list[st
     unknown = [v for v in variants if v not in study.variants]
     if unknown:
         raise ValueError(f"--variants {unknown} are not variants of study {study.name}: {sorted(study.variants)}")
-    state_path = Path(study.out_dir) / f"{study.name}.study.json"
+    state_path = state_path_of(study)
     state = read_json(state_path) if state_path.exists() else {}
     if "dev_digest" not in state:
         raise ValueError(f"study {study.name} has no {study.choose_on} table yet: run it without --final first, "
                          "and choose on that")
+    record_final_read(state_path, split, variants, state["dev_digest"], force=force)
     for spec in specs:
         if spec.variant not in variants:
             continue
@@ -379,22 +486,23 @@ def final_evaluation(study: StudyConfig, specs: list[RunSpec], variants: list[st
             summary, rows = evaluate_policy(policy, items, scorers=ctx.scorers, temperature=ecfg.temperature,
                                             top_k=ecfg.top_k, top_p=ecfg.top_p, seed=cfg.seed + 7,
                                             batch_size=ecfg.batch_size, max_seconds=cfg.data.max_seconds,
-                                            store=eval_store(ctx, run.policy_dir(k), items))
+                                            store=eval_store(ctx, run.policy_dir(k), items), defect=ecfg.defect,
+                                            defect_samples=ecfg.defect_samples)
             out.mkdir(parents=True, exist_ok=True)
             write_jsonl(out / "rows.jsonl", [dict(r, round=k) for r in rows])
             write_json(out / "summary.json", summary)
             log.info("study %s: %s round %d on %s: WER %.3f SIM %.3f (n=%d)", study.name, spec.name, k, split,
                      summary["wer"], summary["sim"], summary["n"])
-    state["final"] = {"split": split, "variants": list(variants), "at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                      "after": state["dev_digest"]}
-    write_json(state_path, state)
 
 
 def run_study(path: str, *, jobs: int = 1, print_commands: bool = False, final: str | None = None,
-              variants: list[str] | None = None, table_only: bool = False) -> Path | None:
+              variants: list[str] | None = None, table_only: bool = False, force: bool = False) -> Path | None:
     """The CLI's `speechalign study`: print the commands, or run what is missing and write the results (with
     ``table_only``, the table of what has been evaluated so far, running nothing; with ``final``, the chosen
-    variants' finished runs on the final split, training nothing)."""
+    variants' finished runs on the final split, training nothing, refused if that split was read before unless
+    ``force``)."""
+    if force and final is None:
+        raise ValueError("--force only applies to --final (a second read of the final split)")
     study = load_study(path)
     specs = plan(study)
     if print_commands:
@@ -409,7 +517,7 @@ def run_study(path: str, *, jobs: int = 1, print_commands: bool = False, final: 
         if unfinished:
             raise ValueError(f"--final {final}: {', '.join(unfinished)} not finished; run the study first")
         write_results(study, specs, path)  # the dev table first: the choice it records precedes the test scores
-        final_evaluation(study, specs, variants, final)
+        final_evaluation(study, specs, variants, final, force=force)
     elif not table_only:
         run_all(specs, jobs)
     out = write_results(study, specs, path)

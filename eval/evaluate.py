@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from eval.defects import DefectConfig, has_pause, pause_of_logmel, pause_of_wav
 from models.audio import load_audio, save_audio
 from models.data import batch_slices
 from models.io import BatchStore
@@ -51,7 +52,8 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
                     top_p: float, seed: int, batch_size: int, save_audio_dir: Path | None = None, save_n: int = 0,
                     max_seconds: float | None = None, batches: list[tuple[int, int]] | None = None,
                     gather: Callable[[list], list] | None = None, quality: bool = True,
-                    store: BatchStore | None = None) -> tuple[dict, list[dict]]:
+                    store: BatchStore | None = None, defect: "DefectConfig | None" = None,
+                    defect_samples: int = 0) -> tuple[dict, list[dict]]:
     """Synthesise and score every item with ``scorers`` (``eval.scorers.build_scorers``).
 
     Items are spoken in batches of ``batch_size`` cut from the whole list; batch [start, stop) samples
@@ -67,6 +69,11 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
     hypothesis, wer, sim, duration, n_frames, codes: the RVQ-1 tokens spoken, and the quality model's
     keys, e.g. ``dnsmos``). The first ``save_n`` utterances' audio goes to ``save_audio_dir`` when given.
     ``quality=False`` skips the quality model (WER and SIM only).
+
+    The pause detector (eval/defects.py, ``defect`` settings) reads every clip: ``pause`` is its longest internal
+    silence in seconds; with ``defect_samples`` = m each utterance also speaks m more samples judged by the detector
+    alone (``pauses``); ``defect`` is the share of the utterance's 1 + m samples that pause, and the summary's
+    ``defect_rate`` their mean over ``defect_n`` samples.
     """
     from tqdm import tqdm
 
@@ -78,11 +85,18 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
     if batches is None:
         batches = batch_slices(len(items), batch_size)
     quality_model = scorers.quality if quality else None
-    seconds = dict.fromkeys(("generate", "render", "asr", "sim", "quality"), 0.0)
+    seconds = dict.fromkeys(("generate", "render", "asr", "sim", "quality", "defect"), 0.0)
+    defect = defect or DefectConfig()
     rows: list[dict] = []
+    cached = 0  # batches read from the store (tests assert a stage computed what it is compared on)
     for start, stop in tqdm(batches, desc="evaluating", leave=False):
         done = store.get(f"{start}-{stop}")
         if done is not None:
+            cached += 1
+            for r in done:  # a batch stored with fewer clips than asked for now (eval.save_audio grew): render them
+                if r["_index"] < save_n and r["n_frames"] and not (isinstance(r["_wav"], str) and Path(r["_wav"]).is_file()):
+                    it = items[r["_index"]]
+                    r["_wav"] = _clip(policy, it, r["codes"], seed, audio_dir, max_seconds)
             rows += done
             continue
         part = items[start:stop]
@@ -110,12 +124,20 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
         t0 = time.time()
         scores = scorers.quality_scores(wavs, codec.sample_rate) if quality_model is not None else [{} for _ in wavs]
         seconds["quality"] += time.time() - t0
+        t0 = time.time()
+        pauses = [pause_of_wav(w, codec.sample_rate, defect) for w in wavs]
+        extra = _extra_pauses(policy, part, defect_samples, defect, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed + 104_729 + start)
+        seconds["defect"] += time.time() - t0
         part_rows = []
-        for i, it, s, w, h, wer, sim, q in zip(range(start, stop), part, samples, wavs, hyps, wers, sims, scores):
+        for i, it, s, w, h, wer, sim, q, p, more in zip(range(start, stop), part, samples, wavs, hyps, wers, sims,
+                                                         scores, pauses, extra):
             row = {"id": it.id, "text": it.text, "speaker": it.speaker, "hypothesis": h, "wer": wer,
                    "sim": float(sim), "duration": len(w) / codec.sample_rate,
                    "n_frames": int(policy.format.frames(s[0]).numel()),
                    "codes": s[0].tolist(), "prompt_id": it.prompt_id, **{k: float(v) for k, v in q.items()},
+                   "pause": p, "pauses": more,
+                   "defect": float(np.mean([has_pause(x, defect) for x in [p, *more]])),
                    "_index": i, "_wav": None}
             if i < save_n and len(w):
                 if audio_dir is not None:  # kept with the batch: a resumed stage still has it
@@ -129,6 +151,7 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
         rows += part_rows
     if gather is not None:
         rows = gather(rows)
+        cached = sum(gather([cached]))
     rows.sort(key=lambda r: r["_index"])
     for r in rows:
         w = r.pop("_wav")
@@ -147,7 +170,10 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
         "n": len(rows),
         "empty_outputs": sum(1 for r in rows if r["n_frames"] == 0),
         "mean_duration": float(np.mean([r["duration"] for r in rows])),
+        "defect_rate": float(np.mean([r["defect"] for r in rows])),
+        "defect_n": sum(1 + len(r["pauses"]) for r in rows),
         "seconds": {key: round(v, 2) for key, v in seconds.items()},
+        "cached_batches": cached,  # over every process
     }
     if quality_model is not None:
         for key in quality_model.keys:
@@ -155,6 +181,41 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
             summary[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
         summary["quality_unscored"] = int(sum(not np.isfinite(r[quality_model.keys[0]]) for r in rows))
     return summary, rows
+
+
+def _extra_pauses(policy, part: list[EvalItem], m: int, defect: DefectConfig, *, temperature: float, top_k: int,
+                  top_p: float, seed: int) -> list[list[float]]:
+    """m more samples of each item, judged by the pause detector alone: [len(part)][m] longest pauses (seconds).
+    Read from the rendered log-mel where the policy has a phone renderer (no vocoder), else from the audio."""
+    if m == 0:
+        return [[] for _ in part]
+    samples = policy.generate([it.text for it in part], [it.prompt_codes for it in part], n=m, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, batch_size=len(part))
+    out = []
+    for it, ss in zip(part, samples):
+        row = []
+        for j, s in enumerate(ss):
+            torch.manual_seed(item_seed(seed + j, it.id))
+            if getattr(policy, "renders_logmel", False):
+                row.append(pause_of_logmel(policy.render_logmel(s, it.prompt_codes), policy.codec.frame_rate, defect))
+            else:
+                row.append(pause_of_wav(policy.render(s, it.prompt_codes), policy.codec.sample_rate, defect))
+        out.append(row)
+    return out
+
+
+def _clip(policy, it: EvalItem, codes: list[int], seed: int, audio_dir: Path | None, max_seconds: float | None):
+    """The audio of a stored evaluation row, rendered again from its codes under the item's seed (the same clip the
+    row was scored on): a path in ``audio_dir`` when there is one, else the waveform."""
+    codec = policy.codec
+    if it.prompt_codes is None:
+        it.prompt_codes = codec.encode(load_audio(it.prompt_audio, codec.sample_rate, max_seconds))
+    torch.manual_seed(item_seed(seed, it.id))
+    w = policy.render(torch.tensor(codes, dtype=torch.long), it.prompt_codes)
+    if audio_dir is None:
+        return w
+    save_audio(audio_dir / f"{it.id}.wav", w, codec.sample_rate)
+    return str(audio_dir / f"{it.id}.wav")
 
 
 def score_wavs(wavs: list[np.ndarray], sample_rate: int, texts: list[str], refs: list[np.ndarray], *, asr,
@@ -201,7 +262,8 @@ def check_items(policy, items: list[EvalItem], max_seconds: float) -> tuple[list
 
 
 def evaluate_manifest(policy_dir: str, manifest: str, out: str, *, ecfg: "EvalConfig | None" = None,
-                      seed: int = 0, device: str = "cpu", max_seconds: float = 30.0) -> dict:
+                      seed: int = 0, device: str = "cpu", max_seconds: float = 30.0,
+                      save_audio: str | Path | None = None) -> dict:
     """``speechalign eval``: evaluate any policy directory on any manifest; writes ``out`` (JSON).
 
     Manifest rows: ``{id, text, speaker, audio, prompt_audio, prompt_text}`` (paths relative to the
@@ -209,7 +271,9 @@ def evaluate_manifest(policy_dir: str, manifest: str, out: str, *, ecfg: "EvalCo
     (at least ``eval.prompt_min_seconds`` long when the speaker has one). ``ecfg``: the judges and the
     sampling settings (an ``eval:`` section; default ``EvalConfig()``). Rows that cannot be evaluated
     (``check_items``: text too long or empty, prompt or reference unreadable or over ``max_seconds``) are
-    listed under ``skipped`` with their reasons; the others are scored.
+    listed under ``skipped`` with their reasons; the others are scored. ``save_audio``: a folder that gets every
+    scored clip as ``<id>.wav``; each row's ``output_audio`` is its clip's path there (None for an output with no
+    audio, which has no file).
     """
     import json
 
@@ -230,7 +294,13 @@ def evaluate_manifest(policy_dir: str, manifest: str, out: str, *, ecfg: "EvalCo
         raise ValueError(f"{manifest}: no row can be evaluated ({len(skipped)} skipped; first: "
                          f"{skipped[0]['id'] if skipped else '-'}: {skipped[0]['reason'] if skipped else 'empty manifest'})")
     summary, rows = evaluate_policy(policy, items, scorers=build_scorers(ecfg, device), temperature=ecfg.temperature,
-                                    top_k=ecfg.top_k, top_p=ecfg.top_p, seed=seed, batch_size=ecfg.batch_size)
+                                    top_k=ecfg.top_k, top_p=ecfg.top_p, seed=seed, batch_size=ecfg.batch_size,
+                                    save_audio_dir=None if save_audio is None else Path(save_audio),
+                                    save_n=len(items) if save_audio is not None else 0, defect=ecfg.defect,
+                                    defect_samples=ecfg.defect_samples)
+    if save_audio is not None:
+        for r in rows:  # evaluate_policy writes a clip that has samples (an empty output has no file)
+            r["output_audio"] = str(Path(save_audio) / f"{r['id']}.wav") if r["duration"] > 0 else None
     result = dict(summary, policy=str(policy_dir), manifest=str(manifest), skipped=skipped, rows=rows)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return result

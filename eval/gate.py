@@ -9,6 +9,11 @@ baseline's on utterance id and the difference is bootstrapped (``eval.stats.pair
 unpaired bootstrap when the two share no ids). Oriented so that positive = worse, the metric fails
 when the lower end of its CI is above the metric's tolerance: the regression is both real (outside
 the CI) and larger than what the config accepts. A rerun of the same config passes (delta 0).
+
+Rows either side lacks are left out of a paired comparison, and said so: the message and every check
+carry how many run and baseline rows were paired and dropped. When some rows pair but fewer than half
+of either side's do, the gate fails: the baseline is not of this evaluation set, and a verdict on the
+remnant would not be one on the run.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import pandas as pd
 log = logging.getLogger("speechalign.eval")
 
 # Which way is better, per gated metric: +1 = higher is better, -1 = lower is better.
-GATE_DIRECTIONS = {"wer": -1, "sim": +1, "dnsmos": +1}
+GATE_DIRECTIONS = {"wer": -1, "sim": +1, "dnsmos": +1, "defect": -1}
 
 
 @dataclass
@@ -39,6 +44,8 @@ class GateConfig:
         "help": "corpus-WER increase (absolute, 0.05 = 5 points) allowed beyond the CI"})
     sim_tolerance: float = field(default=0.02, metadata={"help": "mean speaker-SIM decrease allowed beyond the CI"})
     dnsmos_tolerance: float = field(default=0.1, metadata={"help": "mean DNSMOS decrease allowed beyond the CI"})
+    defect_tolerance: float = field(default=0.0, metadata={
+        "help": "increase of the pause-defect rate (share of samples, eval/defects.py) allowed beyond the CI"})
     confidence: float = field(default=0.95, metadata={"help": "two-sided bootstrap CI level"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed (the gate is deterministic for a seed)"})
@@ -47,7 +54,7 @@ class GateConfig:
         unknown = sorted(set(self.metrics) - set(GATE_DIRECTIONS))
         if unknown or not self.metrics:
             raise ValueError(f"gate.metrics={self.metrics}: choose a non-empty subset of {sorted(GATE_DIRECTIONS)}")
-        if min(self.wer_tolerance, self.sim_tolerance, self.dnsmos_tolerance) < 0:
+        if min(self.wer_tolerance, self.sim_tolerance, self.dnsmos_tolerance, self.defect_tolerance) < 0:
             raise ValueError("gate tolerances must be >= 0 (0 = any significant regression fails)")
         if not 0.5 <= self.confidence < 1:
             raise ValueError(f"gate.confidence={self.confidence} must be in [0.5, 1), e.g. 0.95")
@@ -81,7 +88,8 @@ def write_baseline(run_dir: str | Path, out: str | Path, round_: int | None = No
         if available(rows, m):
             num, den = metric_arrays(rows, m)
             means[m] = float(num.sum() / den.sum())
-    keep = ["id", "sample", "text", "hypothesis", "wer", "sim", "dnsmos", "duration", "ref_words", "errors"]
+    keep = ["id", "sample", "text", "hypothesis", "wer", "sim", "dnsmos", "pause", "defect", "duration", "ref_words",
+            "errors"]
     data = {"run": Path(run_dir).name, "round": k, "metrics": means,
             "rows": json.loads(rows[keep].to_json(orient="records", double_precision=15))}
     out = Path(out)
@@ -107,14 +115,38 @@ class GateResult:
     checks: list[dict] = field(default_factory=list)  # per metric: delta, CI, tolerance, failed
 
 
+def _has_partner(rows: pd.DataFrame, other: pd.DataFrame) -> "pd.Series":
+    """Per row of ``rows``: does ``other`` hold a row with its (id, sample) (the pairing ``run_gate`` merges on)."""
+    keys = other[["id", "sample"]].drop_duplicates()
+    hit = rows[["id", "sample"]].merge(keys, on=["id", "sample"], how="left", indicator=True)["_merge"]
+    return (hit == "both").reset_index(drop=True)
+
+
 def run_gate(run_dir: str | Path, baseline: str | Path, cfg: GateConfig, round_: int | None = None) -> GateResult:
     """Compare a run's final round (or ``round_``) against ``baseline``; see the module docstring."""
     from eval.stats import available, metric_arrays, paired_test, unpaired_test
 
     k, rows = final_round(run_dir, round_)
     base = load_baseline(baseline)
+    where = f"{Path(run_dir).name} round {k} vs {Path(baseline).name}"
     merged = rows[["id", "sample"]].merge(base[["id", "sample"]], on=["id", "sample"])
     paired = len(merged) > 0
+    run_in, base_in = _has_partner(rows, base), _has_partner(base, rows)
+    counts = {"run_rows": len(rows), "run_paired": int(run_in.sum()), "run_dropped": int((~run_in).sum()),
+              "baseline_rows": len(base), "baseline_paired": int(base_in.sum()),
+              "baseline_dropped": int((~base_in).sum())}
+    pairing_counts = (f"{counts['run_paired']} of {counts['run_rows']} run rows and {counts['baseline_paired']} of "
+                      f"{counts['baseline_rows']} baseline rows paired; dropped {counts['run_dropped']} run, "
+                      f"{counts['baseline_dropped']} baseline")
+    if paired and (counts["run_dropped"] or counts["baseline_dropped"]):
+        log.warning("gate: %s: %s (rows the other side lacks on (id, sample))", where, pairing_counts)
+    if paired and min(counts["run_paired"] / max(1, counts["run_rows"]),
+                      counts["baseline_paired"] / max(1, counts["baseline_rows"])) < 0.5:
+        msg = (f"gate FAIL: the baseline is not of this evaluation set: {pairing_counts}; fewer than half of a side "
+               f"pair on (id, sample), so no verdict on the remnant; write a baseline from a run evaluated on the "
+               f"same set (`speechalign gate RUN --write-baseline FILE`) [{where}]")
+        return GateResult(False, msg, [dict(counts, metric=m, paired=True, failed=True, reason="baseline of another "
+                                            "evaluation set") for m in cfg.metrics])
     if paired:
         a = merged.merge(base, on=["id", "sample"], how="left")
         b = merged.merge(rows, on=["id", "sample"], how="left")
@@ -136,9 +168,9 @@ def run_gate(run_dir: str | Path, baseline: str | Path, cfg: GateConfig, round_:
         worse, lo, hi = (round(x, 12) + 0.0 for x in (sign * test.delta, *sorted((sign * test.lo, sign * test.hi))))
         tol = cfg.tolerance(m)
         checks.append({"metric": m, "worse_by": worse, "ci_lo": lo, "ci_hi": hi, "tolerance": tol, "n": test.n,
-                       "paired": paired, "failed": lo > tol})
-    where = f"{Path(run_dir).name} round {k} vs {Path(baseline).name}"
-    pairing = f"paired on {checks[0]['n']} utterances" if paired and checks else "unpaired"
+                       "paired": paired, "failed": lo > tol, **counts})
+    pairing = (f"paired on {checks[0]['n']} utterances ({pairing_counts})" if paired and checks else
+               f"unpaired ({counts['run_rows']} run rows, {counts['baseline_rows']} baseline rows)")
     failed = [c for c in checks if c["failed"]]
     if failed:
         c = max(failed, key=lambda c: c["ci_lo"] - c["tolerance"])

@@ -213,7 +213,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_li
     steps.update()
 
     per_round = []
-    cols = ["item", "id", "text", "hypothesis", "wer", "sim", "dnsmos", "duration", "n_frames", "sample"]
+    cols = ["item", "id", "text", "hypothesis", "wer", "sim", "dnsmos", "pause", "duration", "n_frames", "sample"]
     for k in rounds:
         g = utts[utts["round"] == k]
         if g["dnsmos"].isna().all():

@@ -16,6 +16,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from eval.defects import DefectConfig
+
 # Registries' names (eval.asr.ASR_BACKENDS, eval.speaker.SPEAKER_ENCODERS, eval.quality), held to
 # the registries in tests/test_config.py.
 AsrName = Literal["pocketsphinx", "whisper"]
@@ -63,6 +65,13 @@ class EvalConfig:
     gap_utterances: int = field(default=32, metadata={
         "help": "held-out (dev + test) utterances of the golden-vs-synthetic gap analysis (eval/gap.py), a fixed "
                 "seeded subset sampled from every round's policy; 0 = off"})
+    defect: DefectConfig = field(default_factory=DefectConfig, metadata={
+        "help": "the pause detector (eval/defects.py): every evaluated clip's longest internal pause and whether it "
+                "is the defect (metric 'defect'); the 'pause' pair scorer and GRPO reward use it too"})
+    defect_samples: int = field(default=0, metadata={
+        "help": "extra samples per evaluated utterance judged by the pause detector alone (no ASR; from the rendered "
+                "log-mel where the policy has a phone renderer), so the defect rate is measured on (1 + N) samples "
+                "per utterance"})
 
     def __post_init__(self):
         if self.split not in ("test", "dev"):
@@ -76,8 +85,9 @@ class EvalConfig:
             raise ValueError("eval.quality=utmos needs eval.utmos_checkpoint (a TorchScript UTMOS file)")
         if self.prompt_min_seconds < 0:
             raise ValueError(f"eval.prompt_min_seconds={self.prompt_min_seconds} must be >= 0")
-        if self.save_audio < 0 or self.gap_utterances < 0:
-            raise ValueError("eval.save_audio >= 0 and eval.gap_utterances >= 0 are required (0 = off)")
+        if self.save_audio < 0 or self.gap_utterances < 0 or self.defect_samples < 0:
+            raise ValueError("eval.save_audio >= 0, eval.gap_utterances >= 0 and eval.defect_samples >= 0 are required "
+                             "(0 = off)")
 
     def asr_kwargs(self, device: str) -> dict:
         """Constructor arguments of the configured ASR backend."""

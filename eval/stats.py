@@ -19,6 +19,14 @@ What is paired: for wer the per-utterance *edit-error counts* (both sides score 
 so the summed difference over the reference words is exactly the corpus-WER delta the tables show);
 for sim and dnsmos the per-utterance values. ``adjust_p`` corrects a family of p-values (Holm or
 Benjamini-Hochberg); ``correct_tests`` applies it over a whole tests table.
+
+Seeds. A table with a ``seed`` column (a study: one row per training seed x utterance) holds runs trained
+with different seeds, and the question "does method B beat A?" is about a new training run, so the seed is
+the unit: pooling (seed, utterance) pairs as independent leaves the between-seed variance out of the null,
+and such a p only says "these runs differ". With >= 2 seeds paired, ``round_tests``/``run_tests`` therefore
+use ``seed_level_test``: a one-sample t-test of the per-seed deltas (df = S - 1), the exact sign-flip p over
+those S deltas beside it, and a two-stage bootstrap CI (``cluster_bootstrap_delta``: seeds, then utterances
+within each drawn seed). The pooled utterance-level sign-flip p stays, as ``p_within``, for information.
 """
 from __future__ import annotations
 
@@ -32,7 +40,9 @@ import pandas as pd
 log = logging.getLogger("speechalign.eval")
 
 # metric -> (numerator column, denominator column or None for a plain mean, +1 higher is better / -1 lower)
-METRICS = {"wer": ("errors", "ref_words", -1), "sim": ("sim", None, +1), "dnsmos": ("dnsmos", None, +1)}
+METRICS = {"wer": ("errors", "ref_words", -1), "sim": ("sim", None, +1), "dnsmos": ("dnsmos", None, +1),
+           # the share of an utterance's samples with the pause defect (eval/defects.py; eval.defect_samples extra)
+           "defect": ("defect", None, -1)}
 
 
 def metric_arrays(df: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +66,23 @@ def _indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
+def _ratio(num_sum: np.ndarray, den_sum: np.ndarray) -> np.ndarray:
+    """Resampled ``sum(num) / sum(den)``: float [n_boot]; a resample of only zero-word utterances reads 0, not NaN."""
+    return num_sum / np.maximum(den_sum, 1e-12)
+
+
+def _interval(boot: np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap replicates [n_boot]."""
+    a = (1 - level) / 2
+    lo, hi = np.quantile(boot, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def ratio_delta(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: np.ndarray) -> float:
+    """metric(B) - metric(A) = sum(num_b) / sum(den_b) - sum(num_a) / sum(den_a); arrays [n]."""
+    return float(np.sum(num_b) / np.sum(den_b) - np.sum(num_a) / np.sum(den_a))
+
+
 @dataclass
 class Estimate:
     """A point estimate with its bootstrap percentile interval."""
@@ -76,10 +103,8 @@ def bootstrap_ci(num: np.ndarray, den: np.ndarray | None = None, *, n_boot: int 
         raise ValueError("bootstrap_ci got no values")
     value = float(num.sum() / den.sum())
     idx = _indices(n, n_boot, seed)
-    boot = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
-    a = (1 - level) / 2
-    lo, hi = np.quantile(boot, [a, 1 - a])
-    return Estimate(value, float(lo), float(hi), n)
+    lo, hi = _interval(_ratio(num[idx].sum(1), den[idx].sum(1)), level)
+    return Estimate(value, lo, hi, n)
 
 
 @dataclass
@@ -220,12 +245,10 @@ def paired_test(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: 
     n = len(num_a)
     if n == 0 or any(len(x) != n for x in arrays):
         raise ValueError("paired_test needs equally long, non-empty arrays aligned on utterance id")
-    delta = float(num_b.sum() / den_b.sum() - num_a.sum() / den_a.sum())
+    delta = ratio_delta(num_a, den_a, num_b, den_b)
     idx = _indices(n, n_boot, seed)
-    boot = (num_b[idx].sum(1) / np.maximum(den_b[idx].sum(1), 1e-12)
-            - num_a[idx].sum(1) / np.maximum(den_a[idx].sum(1), 1e-12))
-    a = (1 - level) / 2
-    lo, hi = np.quantile(boot, [a, 1 - a])
+    boot = _ratio(num_b[idx].sum(1), den_b[idx].sum(1)) - _ratio(num_a[idx].sum(1), den_a[idx].sum(1))
+    lo, hi = _interval(boot, level)
     tail = min((boot <= 0).sum(), (boot >= 0).sum())
     p_boot = float(min(1.0, 2 * (tail + 1) / (n_boot + 1)))
     diffs = num_b / den_b - num_a / den_a
@@ -236,7 +259,7 @@ def paired_test(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: 
     else:
         p_wil = wilcoxon_p(diffs)
     sf = sign_flip_test(paired_differences(num_a, den_a, num_b, den_b), seed=seed)
-    return PairedTest(delta, float(lo), float(hi), p_boot, p_wil, n, sf.p, sf.test)
+    return PairedTest(delta, lo, hi, p_boot, p_wil, n, sf.p, sf.test)
 
 
 def unpaired_test(num_a, den_a, num_b, den_b, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> PairedTest:
@@ -259,9 +282,122 @@ def unpaired_test(num_a, den_a, num_b, den_b, *, n_boot: int = 2000, level: floa
                       min(len(va), len(vb)), p_mw, "Mann-Whitney U")
 
 
+def _cluster_sums(arrays: list[np.ndarray], groups: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
+    """Two-stage bootstrap sums of each of ``arrays`` (float [n], aligned rows): one float [n_boot] per array.
+
+    groups: [n] cluster label of each row (the training seed). Stage 1 draws S of the S clusters with
+    replacement; stage 2 draws, for every drawn cluster, as many of its rows as it has, with replacement.
+    Every array is summed over the same drawn rows, so a paired delta stays paired.
+    """
+    groups = np.asarray(groups)
+    rng = np.random.default_rng(seed)
+    _, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == c) for c in range(inverse.max() + 1)]
+    n_clusters = len(members)
+    drawn = rng.integers(0, n_clusters, size=(n_boot, n_clusters))  # [n_boot, S] stage 1
+    sums = [np.zeros(n_boot) for _ in arrays]
+    # per (slot, cluster) only the replicates that drew that cluster there: memory n_boot x (rows of one seed)
+    for slot in range(n_clusters):
+        for c, rows in enumerate(members):
+            reps = np.flatnonzero(drawn[:, slot] == c)
+            if len(reps) == 0:
+                continue
+            idx = rows[rng.integers(0, len(rows), size=(len(reps), len(rows)))]  # stage 2
+            for out, x in zip(sums, arrays):
+                out[reps] += x[idx].sum(1)
+    return sums
+
+
+def cluster_bootstrap_delta(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: np.ndarray,
+                            groups: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """Two-stage (cluster) bootstrap CI of the paired delta metric(B) - metric(A); arrays [n] aligned on
+    (seed, utterance id), groups: [n] the seed of each row.
+
+    Each replicate resamples seeds with replacement, then utterances within each drawn seed, and takes the
+    ratio of sums (``METRICS``) over everything drawn, for A and B on the same rows. The interval so carries
+    the between-seed variance that an utterance-level bootstrap of pooled (seed, utterance) rows leaves out;
+    with few seeds it is coarse (S = 3: at most 10 distinct seed multisets), as the truth is.
+    """
+    arrays = [np.asarray(x, dtype=float) for x in (num_a, den_a, num_b, den_b)]
+    n = len(arrays[0])
+    if n == 0 or any(len(x) != n for x in arrays) or len(groups) != n:
+        raise ValueError("cluster_bootstrap_delta needs equally long, non-empty arrays and groups aligned on "
+                         "(seed, id)")
+    sa_num, sa_den, sb_num, sb_den = _cluster_sums(arrays, groups, n_boot, seed)
+    lo, hi = _interval(_ratio(sb_num, sb_den) - _ratio(sa_num, sa_den), level)
+    return Estimate(ratio_delta(*arrays), lo, hi, n)
+
+
+def seed_deltas(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: np.ndarray, groups: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds [S], deltas float [S]): per seed, metric(B) - metric(A) on that seed's paired rows (``ratio_delta``);
+    arrays and groups [n] aligned on (seed, utterance id)."""
+    groups = np.asarray(groups)
+    arrays = [np.asarray(x, dtype=float) for x in (num_a, den_a, num_b, den_b)]
+    labels = np.unique(groups)
+    deltas = np.array([ratio_delta(*(x[groups == g] for x in arrays)) for g in labels])
+    return labels, deltas
+
+
+@dataclass
+class SeedLevelTest:
+    """B minus A with the training seed as the unit (``seed_level_test``)."""
+
+    delta: float             # metric(B) - metric(A) over every paired row, all seeds pooled
+    lo: float                # two-stage bootstrap CI of delta (``cluster_bootstrap_delta``)
+    hi: float
+    seed_deltas: list[float]  # [S] per-seed deltas, in seed order
+    n: int                   # paired rows: seeds x utterances
+    n_seeds: int             # S
+    t: float                 # one-sample t of the seed deltas (NaN when they do not vary)
+    df: int                  # S - 1
+    p: float                 # the seed-level p: the t-test's (the sign-flip one when t is undefined)
+    p_signflip: float        # exact sign-flip p over the S seed deltas (>= 2 / 2^S)
+    p_within: float          # utterance-level sign-flip p of the pooled (seed, utterance) pairs: for information
+    p_wilcoxon: float        # Wilcoxon on the pooled pairs (``paired_test``)
+    test: str                # e.g. "seed-level t (S=3, df=2)"
+
+
+def seed_level_test(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: np.ndarray, groups: np.ndarray,
+                    *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> SeedLevelTest:
+    """Does B beat A as a method, over training seeds? Arrays [n] aligned on (seed, utterance id); groups [n]: seed.
+
+    The unit is the seed: d_s = metric(B) - metric(A) on seed s's paired utterances (``seed_deltas``), and
+    p is a two-sided one-sample t-test of H0 "mean d_s = 0" with df = S - 1. This is what a mixed model of
+    the paired differences with a random seed intercept (d_su = delta + b_s + e_su) reduces to for a balanced
+    design (every seed scored on the same utterances): its test of delta is the t-test on the seed means. The
+    exact sign-flip p over the 2^S sign patterns of the d_s is reported beside it (``p_signflip``; no
+    normality assumed, but never below 2 / 2^S: 0.25 for S = 3). When the d_s do not vary at all the t
+    statistic is undefined (x / 0); p is then the sign-flip one and ``test`` says so. ``p_within`` is the
+    utterance-level sign-flip p that pools (seed, utterance) pairs (``paired_test``): it says these runs differ,
+    not that the method does. CI: ``cluster_bootstrap_delta``. Needs S >= 2 (one seed: ``paired_test``).
+    """
+    from scipy.stats import ttest_1samp
+
+    arrays = [np.asarray(x, dtype=float) for x in (num_a, den_a, num_b, den_b)]
+    groups = np.asarray(groups)
+    labels, d = seed_deltas(*arrays, groups)
+    if len(labels) < 2:
+        raise ValueError(f"seed_level_test needs at least 2 seeds, got {list(labels)}; with one seed use paired_test "
+                         "(and say that its p is about these runs, not the method)")
+    within = paired_test(*arrays, n_boot=n_boot, level=level, seed=seed)
+    ci = cluster_bootstrap_delta(*arrays, groups, n_boot=n_boot, level=level, seed=seed)
+    sf = sign_flip_test(d)
+    s, df = len(d), len(d) - 1
+    if np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):
+        t, p = float("nan"), sf.p
+        test = f"seed-level sign-flip (S={s}, exact; t undefined: the seed deltas do not vary)"
+    else:
+        r = ttest_1samp(d, 0.0)
+        t, p, test = float(r.statistic), float(r.pvalue), f"seed-level t (S={s}, df={df})"
+    return SeedLevelTest(ci.value, ci.lo, ci.hi, [float(x) for x in d], ci.n, s, t, df, p, sf.p, within.p,
+                         within.p_wilcoxon, test)
+
+
 def align_on_id(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows of a and b for the (id, sample) keys both hold, in the same order."""
-    keys = ["id", "sample"]
+    """Rows of a and b for the (id, sample) keys both hold, in the same order; (seed, id, sample) when both
+    carry a ``seed`` column."""
+    keys = (["seed"] if "seed" in a.columns and "seed" in b.columns else []) + ["id", "sample"]
     merged = a[keys].drop_duplicates().merge(b[keys].drop_duplicates(), on=keys)
     a2 = merged.merge(a, on=keys, how="left")
     b2 = merged.merge(b, on=keys, how="left")
@@ -293,6 +429,12 @@ def round_tests(table: pd.DataFrame, metrics: list[str] | None = None, rounds: l
     (sign-flip test), test (which: exact or Monte Carlo), p_holm, p_bh (corrected over this table's
     tests, ``correct_tests``), p_wilcoxon, better (True/False where the ``correction``-corrected p is
     below 1 - level, else None).
+
+    A table with a ``seed`` column pairs on (seed, id, sample), and a comparison whose paired rows span >= 2
+    seeds is tested with the seed as the unit (``seed_level_test``): n = seeds x utterances, p the seed-level
+    t-test's, delta_lo/hi the two-stage bootstrap CI, plus the ``SEED_TEST_COLUMNS`` seeds (S),
+    p_seed_signflip (exact over 2^S) and p_within (the utterance-level p, for information). Tables without
+    a seed column, or with one seed, get the utterance-level tests and ``TEST_COLUMNS`` only.
     """
     metrics = metrics or list(METRICS)
     out = []
@@ -309,11 +451,18 @@ def round_tests(table: pd.DataFrame, metrics: list[str] | None = None, rounds: l
             out += _tests(g[g["round"] == ref], g[g["round"] == k], metrics,
                           {"run": run, "vs_run": run, "round": k, "vs_round": ref, "kind": kind},
                           n_boot=n_boot, level=level, seed=seed)
-    return correct_tests(pd.DataFrame(out, columns=TEST_COLUMNS), correction, level=level)
+    return correct_tests(_tests_frame(out), correction, level=level)
 
 
 TEST_COLUMNS = ["run", "vs_run", "metric", "round", "vs_round", "kind", "n", "delta", "delta_lo", "delta_hi",
                 "p", "test", "p_holm", "p_bh", "p_wilcoxon", "better"]
+# added by seed-level tests only (``seed_level_test``); NaN on a row of the same table tested per utterance
+SEED_TEST_COLUMNS = ["seeds", "p_seed_signflip", "p_within"]
+
+
+def _tests_frame(rows: list[dict]) -> pd.DataFrame:
+    extra = [c for c in SEED_TEST_COLUMNS if any(c in r for r in rows)]
+    return pd.DataFrame(rows, columns=TEST_COLUMNS + extra)
 
 
 def correct_tests(tests: pd.DataFrame, method: Literal["holm", "bh"] = "holm", *, level: float = 0.95) -> pd.DataFrame:
@@ -337,9 +486,16 @@ def _tests(ref: pd.DataFrame, new: pd.DataFrame, metrics: list[str], key: dict, 
         log.warning("%s round %s vs %s round %s share no utterance ids; no paired test", key["run"], key["round"],
                     key["vs_run"], key["vs_round"])
         return []
+    by_seed = "seed" in a.columns and a["seed"].nunique() >= 2
     out = []
     for m in metrics:
         if not (available(a, m) and available(b, m)):
+            continue
+        if by_seed:
+            st = seed_level_test(*metric_arrays(a, m), *metric_arrays(b, m), a["seed"].to_numpy(), **kw)
+            out.append(dict(key, metric=m, n=st.n, delta=st.delta, delta_lo=st.lo, delta_hi=st.hi, p=st.p,
+                            test=st.test, p_wilcoxon=st.p_wilcoxon, seeds=st.n_seeds, p_seed_signflip=st.p_signflip,
+                            p_within=st.p_within))
             continue
         t = paired_test(*metric_arrays(a, m), *metric_arrays(b, m), **kw)
         out.append(dict(key, metric=m, n=t.n, delta=t.delta, delta_lo=t.lo, delta_hi=t.hi, p=t.p, test=t.test,
@@ -351,7 +507,7 @@ def run_tests(table: pd.DataFrame, runs: list[str], metrics: list[str] | None = 
               rounds: list[int] | None = None, *, n_boot: int = 2000, level: float = 0.95,
               seed: int = 0, correction: Literal["holm", "bh"] = "holm") -> pd.DataFrame:
     """Paired tests of every run against the first one at each round both evaluated (kind ``run``);
-    columns and correction as ``round_tests``."""
+    columns, correction and seed-level tests (a table with a ``seed`` column) as ``round_tests``."""
     metrics = metrics or list(METRICS)
     out = []
     first = table[table["run"] == runs[0]]
@@ -364,4 +520,4 @@ def run_tests(table: pd.DataFrame, runs: list[str], metrics: list[str] | None = 
             out += _tests(first[first["round"] == k], g[g["round"] == k], metrics,
                           {"run": run, "vs_run": runs[0], "round": int(k), "vs_round": int(k), "kind": "run"},
                           n_boot=n_boot, level=level, seed=seed)
-    return correct_tests(pd.DataFrame(out, columns=TEST_COLUMNS), correction, level=level)
+    return correct_tests(_tests_frame(out), correction, level=level)

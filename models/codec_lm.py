@@ -215,24 +215,26 @@ class Policy:
     @torch.no_grad()
     def generate(self, texts: list[str], prompts: list[torch.Tensor], *, n: int = 1, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-                 progress: bool = False) -> list[list[torch.LongTensor]]:
+                 progress: bool = False, max_frames: int | None = None) -> list[list[torch.LongTensor]]:
         """Sample RVQ-1 codes for each (text, prompt); batched, KV-cached (``generate``).
 
         texts: B strings; prompts: B LongTensors [n_q, Tp] (full prompt codes; trimmed here).
         Returns B lists of n LongTensors [T_i] (codes before ``<eos>``). Greedy when temperature == 0.
         Deterministic for a given seed and batch_size. A policy with a ``reranker`` draws
-        ``reranker.n`` samples per returned one and keeps the best by its reward model.
+        ``reranker.n`` samples per returned one and keeps the best by its reward model. ``max_frames``: the
+        longest sample in tokens, in place of the policy's ``meta["max_seconds"]`` for this call alone (GRPO's
+        rollouts); the interleaved walk is bounded by its text's units and ignores it.
         """
         for t in texts:  # refuse before any model work: one huge text would size every batch's attention
             if text_length(t, self.text_frontend) > self.max_text_tokens:
                 raise ValueError(f"cannot speak {t[:60]!r}{'...' if len(t) > 60 else ''}: {self.text_problem(t)}")
         if self.reranker is not None:
             many = self._sample(texts, prompts, n=n * self.reranker.n, temperature=temperature, top_k=top_k,
-                                top_p=top_p, batch_size=batch_size, seed=seed, progress=progress)
+                                top_p=top_p, batch_size=batch_size, seed=seed, progress=progress, max_frames=max_frames)
             return self.reranker.pick([self.conditioning(p, t) for t, p in zip(texts, prompts)], many, keep=n,
                                       expected_frames=[self.expected_frames(t) for t in texts])
         return self._sample(texts, prompts, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
-                            batch_size=batch_size, seed=seed, progress=progress)
+                            batch_size=batch_size, seed=seed, progress=progress, max_frames=max_frames)
 
     @property
     def max_text_tokens(self) -> int:
@@ -260,7 +262,7 @@ class Policy:
         frames per token (``frames_per_char``)."""
         return float(self.meta.get("frames_per_char", 4.0)) * text_length(text, self.text_frontend)
 
-    def _sample(self, texts, prompts, *, n, temperature, top_k, top_p, batch_size, seed, progress):
+    def _sample(self, texts, prompts, *, n, temperature, top_k, top_p, batch_size, seed, progress, max_frames=None):
         from tqdm import tqdm
 
         lm = self.lm.eval()
@@ -270,7 +272,8 @@ class Policy:
         fmt = self.format
         stop_ids = tok.convert_tokens_to_ids(fmt.stop_tokens)
         rule = self.emit_rule
-        max_frames = int(self.meta.get("max_seconds", 6.0) * self.codec.frame_rate)
+        if max_frames is None:
+            max_frames = int(self.meta.get("max_seconds", 6.0) * self.codec.frame_rate)
         results: list[list[torch.LongTensor]] = []
         order = range(0, len(texts), batch_size)
         for start in tqdm(order, desc="sampling", disable=not progress, leave=False):
@@ -314,13 +317,10 @@ class Policy:
         """
         first = torch.as_tensor(first).long()
         if self.renderer is not None:
-            from models.layout import split_stream
-
-            codes, unit_ids, unit_pos = split_stream(first)
-            if codes.numel() == 0:
+            latent = self._rendered_latent(first, prompt)
+            if latent is None:
                 return np.zeros(0, dtype=np.float32)
-            latent = self.renderer.generate(self.codec.latent(self.prompt_codes(prompt)), codes, unit_ids, unit_pos)
-            if hasattr(self.codec, "quantize") and self.meta.get("render_latent", "quantised") == "quantised":
+            if self._quantises:
                 return self.codec.decode(self.codec.quantize(latent))
             return self.codec.decode_latent(latent)
         first = self.format.frames(first)
@@ -336,6 +336,36 @@ class Policy:
         device = next(self.nar.parameters()).device
         codes = self.nar.generate(self.prompt_codes(prompt).to(device), first.to(device)).cpu()
         return self.codec.decode(codes)
+
+    @property
+    def _quantises(self) -> bool:
+        return hasattr(self.codec, "quantize") and self.meta.get("render_latent", "quantised") == "quantised"
+
+    def _rendered_latent(self, first: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor | None:
+        """The phone renderer's codec latent [T, D] of a stream (None for a stream with no frames)."""
+        from models.layout import split_stream
+
+        codes, unit_ids, unit_pos = split_stream(first)
+        if codes.numel() == 0:
+            return None
+        return self.renderer.generate(self.codec.latent(self.prompt_codes(prompt)), codes, unit_ids, unit_pos)
+
+    @property
+    def renders_logmel(self) -> bool:
+        """Whether ``render_logmel`` can skip the vocoder: a phone renderer over a log-mel codec (mel_rvq)."""
+        return self.renderer is not None and hasattr(self.codec, "features")
+
+    @torch.no_grad()
+    def render_logmel(self, first: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """The log-mel [T, n_mels] that ``render`` gives to the vocoder (Griffin-Lim), without running it: for judges
+        of the spectrogram (eval/defects.py), at the renderer's speed rather than the vocoder's. Only where
+        ``renders_logmel``; an empty stream gives [0, n_mels]."""
+        if not self.renders_logmel:
+            raise ValueError("render_logmel needs a phone renderer over a log-mel codec; render() and read the audio")
+        latent = self._rendered_latent(torch.as_tensor(first).long(), prompt)
+        if latent is None:
+            return torch.zeros(0, self.codec.latent_dim)
+        return self.codec.dequantize(self.codec.quantize(latent)) if self._quantises else latent
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.lm.parameters())

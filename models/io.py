@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger("speechalign.io")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -91,24 +95,36 @@ class BatchStore:
     stores nothing (tests, one-off evaluations). ``clear()`` once the stage's output is committed.
     """
 
-    def __init__(self, folder: str | os.PathLike | None):
+    def __init__(self, folder: str | os.PathLike | None, meta: dict | None = None):
         self.folder = Path(folder) if folder is not None else None
+        self.meta = meta  # what the entry was keyed on: written once as meta.json beside the batches
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
     def get(self, key: str):
+        """The stored batch, or None when there is none. An entry that cannot be read (a disk error, a file cut
+        short outside ``put``'s atomic write) is removed with a warning and reads as missing: the stage computes
+        that batch again instead of failing on it at every resume."""
         if self.folder is None or not self._path(key).is_file():
             return None
-        return json.loads(self._path(key).read_text())
+        path = self._path(key)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            log.warning("cache entry %s is unreadable (%s); removed, computing it again", path, e)
+            path.unlink(missing_ok=True)
+            return None
 
     def put(self, key: str, obj) -> None:
         if self.folder is not None:
+            if self.meta is not None and not (self.folder / "meta.json").is_file():
+                write_json(self.folder / "meta.json", dict(self.meta, created=time.strftime("%Y-%m-%d %H:%M:%S")))
             atomic_write_text(self._path(key), json.dumps(obj))
 
     def sub(self, name: str) -> "BatchStore":
         """A store for one part of the stage (an extra test set, the judging of one scorer)."""
-        return BatchStore(None if self.folder is None else self.folder / name)
+        return BatchStore(None if self.folder is None else self.folder / name, self.meta)
 
     def clear(self) -> None:
         if self.folder is not None:

@@ -86,6 +86,11 @@ class FakeContext:
 
         return Context.store(self, kind, policy_dir, what)  # the real one, in this context's cache_dir
 
+    def prompt_digest(self, utts) -> str:
+        from align.run import Context
+
+        return Context.prompt_digest(self, utts)  # the real one, over these codes
+
     def golden_stream(self, utt, fmt) -> torch.LongTensor:
         from align.run import Context
 

@@ -182,7 +182,7 @@ def test_scorers_of_pairing_rewards_and_evaluation_come_from_one_eval_section(tm
     assert pairs.SCORERS["wer"](ctx)(Batch()) == [0.0]           # pair ranking
     assert pairs.SCORERS["sim"](ctx)(Batch()) == [0.5]
     monkeypatch.setattr(pairs, "SampleBatch", lambda ctx, k, rows: Batch())
-    reward = methods._direct_reward(ctx, 1, policy=None, with_sim=True)  # GRPO's direct reward
+    reward = methods._direct_reward(ctx, 1, policy=None, kind="wer_sim")  # GRPO's direct reward
     assert reward(["p"], [[1, 2]], [{"utt_id": "u1", "prompt_id": "u0", "text": "hello"}]) == [1.5]  # 1 - WER + SIM
     assert ctx.scorers is ctx.scorers                          # evaluation scores with ctx.scorers too
     # each backend built once, with the configured model, for all three users

@@ -343,7 +343,10 @@ def test_gate_passes_a_rerun_of_the_same_config(ci_run, ci_overrides, tmp_path, 
     from align.config import load_config
     from align.loop import run_loop
 
-    rerun = run_loop(load_config(CI_CONFIG, ci_overrides + ["name=ci_gate_rerun"]))
+    # its own stage caches: the rerun computes its samples and evaluations again, so the gate compares two runs
+    rerun = run_loop(load_config(CI_CONFIG, ci_overrides + ["name=ci_gate_rerun", f"cache_dir={tmp_path / 'cache'}"]))
+    assert all(json.loads((rerun / f"round_{k:03d}" / "eval" / "summary.json").read_text())["cached_batches"] == 0
+               for k in (0, 1, 2))
     baseline = tmp_path / "baseline.json"
     assert main(["gate", str(ci_run), "--write-baseline", str(baseline)]) == 0
     assert main(["gate", str(rerun), "--baseline", str(baseline)]) == 0

@@ -50,13 +50,18 @@ def test_policy_changes_across_rounds(ci_run):
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
 
 
-def test_resume_after_kill_between_stages(ci_run, ci_overrides):
-    """Stop after round 1's pair stage, then rerun: round 0-1 metrics equal the uninterrupted run's."""
-    cfg = load_config(CI_CONFIG, ci_overrides + ["name=ci_resume_stage", "rounds=1"])
+def test_resume_after_kill_between_stages(ci_run, ci_overrides, tmp_path):
+    """Stop after round 1's pair stage, then rerun: round 0-1 metrics equal the uninterrupted run's. The run keeps
+    its own stage caches, so what it is compared on was computed again, not read from ci_run's."""
+    cfg = load_config(CI_CONFIG, ci_overrides + ["name=ci_resume_stage", "rounds=1",
+                                                 f"cache_dir={tmp_path / 'own_cache'}"])
     run_dir = run_loop(cfg, stop_after="1:pair")
     state = json.loads((run_dir / "state.json").read_text())
     assert "pair" in state["done"]["1"] and "train" not in state["done"]["1"]
     run_loop(cfg)
+    assert json.loads((run_dir / "round_001" / "samples" / "stats.json").read_text())["cached_tokens"] == 0
+    for k in (0, 1):
+        assert json.loads((run_dir / f"round_{k:03d}" / "eval" / "summary.json").read_text())["cached_batches"] == 0
     got, want = _rows(run_dir), _rows(ci_run)
     for k in (0, 1):
         for key in ("wer", "sim", "dpo_loss", "reward_margin"):

@@ -51,14 +51,22 @@ def test_a_two_variant_study_runs_resumes_and_reports(ci_run, ci_overrides, tmp_
     assert {(e["run"], e["round"]) for e in result["estimates"]} == {(v, k) for v in ("dpo", "control") for k in (0, 1)}
     vs_ref = [t for t in result["tests"] if t["kind"] == "run"]
     assert vs_ref and all(t["n"] == 8 and t["test"] and t["p_holm"] >= t["p"] for t in result["tests"])  # 4 dev x 2
-    assert "final" not in result
+    assert result["finals"] == []
+    assert "One training seed: p says these two runs differ" in (tmp_path / "results" / "two.md").read_text()
 
     assert main(["study", path, "--final", "test", "--variants", "control"]) == 0
     result = json.loads((tmp_path / "results" / "two.json").read_text())
-    final = result["final"]
-    assert final["variants"] == ["control"] and final["after"] == result["dev_digest"]
+    [final] = result["finals"]
+    assert final["variants"] == ["control"] and final["after"] == result["dev_digest"] and final["forced"] is False
     assert {e["n"] for e in final["estimates"]} == {12}  # the CI test split: 6 sentences x 2 voices
     assert "Reported on test" in (tmp_path / "results" / "two.md").read_text()
+    # read once: a second read is refused; with --force it is appended (control's scores come from the cache), marked
+    assert main(["study", path, "--final", "test", "--variants", "dpo", "control"]) == 2
+    assert main(["study", path, "--final", "test", "--variants", "dpo", "control", "--force"]) == 0
+    result = json.loads((tmp_path / "results" / "two.json").read_text())
+    reads = [(r["variants"], r["forced"]) for r in result["finals"]]
+    assert reads == [(["control"], False), (["dpo", "control"], True)]
+    assert "**Forced read**" in (tmp_path / "results" / "two.md").read_text()
     with pytest.raises(ValueError, match="not variants"):
         from align.study import final_evaluation
 

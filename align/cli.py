@@ -185,9 +185,11 @@ def cmd_gate(args) -> int:
     from eval.gate import run_gate, write_baseline
 
     if args.write_baseline:
-        path = write_baseline(args.run_dir, args.write_baseline, args.round)
+        path = write_baseline([args.run_dir, *args.more_runs], args.write_baseline, args.round)
         print(f"gate baseline written: {path}")
         return 0
+    if args.more_runs:
+        raise ValueError("several runs go with --write-baseline (their per-utterance mean is the baseline)")
     if not args.baseline:
         raise ValueError("gate needs --baseline FILE (or --write-baseline FILE to create one)")
     bad = [o for o in args.set if not o.startswith("gate.")]
@@ -200,6 +202,7 @@ def cmd_gate(args) -> int:
     result = run_gate(args.run_dir, args.baseline, from_dict(GateConfig, data.get("gate"), prefix="gate."), args.round)
     print(result.message)
     return 0 if result.passed else 1
+
 
 def cmd_eval(args) -> None:
     from eval.evaluate import evaluate_manifest
@@ -226,6 +229,19 @@ def cmd_vc(args) -> None:
 
     r = convert_voice(args.policy, args.source, args.prompt, args.out, device=args.device)
     print(f"wrote {r['out']}: {r['seconds']:.2f} s from {r['frames']} source RVQ-1 frames")
+
+
+def cmd_fingerprint(args) -> int:
+    from align.fingerprint import check_fingerprint, record_fingerprint
+
+    if args.record:
+        record_fingerprint(args.config, args.reference, why=args.why or "", overrides=args.set)
+        return 0
+    if args.why:
+        raise ValueError("--why goes with --record")
+    result = check_fingerprint(args.config, args.reference, args.set)
+    print(result.message)
+    return 0 if result.passed else 1
 
 
 def cmd_cache(args) -> None:
@@ -334,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("gate", help="exit 1 when a run's final round is worse than a baseline beyond its CI")
     p.add_argument("run_dir")
+    p.add_argument("more_runs", nargs="*", help="with --write-baseline: more runs of the config (other seeds); the "
+                                                 "baseline is their per-utterance mean")
     p.add_argument("--baseline", help="baseline: a `gate --write-baseline` JSON, eval rows.jsonl or results table")
     p.add_argument("--write-baseline", metavar="FILE", help="write the run's final-round rows as a baseline and exit")
     p.add_argument("--round", type=int, help="gate this round instead of the last evaluated one")
@@ -378,6 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_vc)
+
+    p = sub.add_parser("fingerprint", help="the CI loop's deterministic tier: train the committed round-0 policy on "
+                                           "the reference's fixed pairs and compare the per-step log with it")
+    p.add_argument("config", nargs="?", default="configs/ci.yaml")
+    p.add_argument("--reference", default="configs/ci_fingerprint.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--record", action="store_true", help="re-record the reference (deliberately: needs --why)")
+    p.add_argument("--why", help="with --record: why the reference changes (kept in the file)")
+    p.set_defaults(fn=cmd_fingerprint)
 
     p = sub.add_parser("cache", help="list the stage caches (samples, judgments, evaluations); prune what no current "
                                      "code can read")

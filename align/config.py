@@ -316,6 +316,10 @@ class PairConfig:
     golden_candidate: bool = field(default=False, metadata={
         "help": "ranked_samples: the golden tokens join each prompt's samples as one more candidate, judged like them "
                 "(chosen when they judge best; a pair then teaches the golden tokens over the worst sample)"})
+    allow_empty: bool = field(default=False, metadata={
+        "help": "a round whose every pair is filtered out keeps round k-1's policy (with a warning) instead of "
+                "stopping the run: for a judge that finds nothing left to prefer (the positive control once its "
+                "defect is gone); false = stop and say which filter dropped them"})
     data: str = field(default="fresh", metadata={
         "help": "fresh: train on this round's pairs only; accumulate: also on the kept pairs of earlier rounds"})
     accumulate_rounds: int = field(default=0, metadata={

@@ -192,6 +192,12 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+def reference_dir(ctx: "Context", k: int) -> Path:
+    """The policy round k's preference loss is measured against: round k-1's (the paper's iterative recipe; its one
+    definition, so that benchmarks/gate_power.py can plant the 'reference from round 0' fault here)."""
+    return ctx.run.policy_dir(k - 1)
+
+
 def drop_checkpoints_of_another_start(ctx: "Context", k: int) -> None:
     """Trainer checkpoints of round k resume only onto the round k-1 policy they started from: the train stage's
     ``start.json`` records its digest, and checkpoints left by a run from another round k-1 policy (that round
@@ -233,7 +239,7 @@ def _trl_preference(ctx: "Context", k: int, rows: list[dict], *, method: str, lo
     policy = Policy.load(prev, device="cpu")
     dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                                  for r in rows])
-    ref = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(reference_dir(ctx, k), dtype=torch.float32)
     # The global batch is dpo.batch_size whatever the process count, so 1 and N processes take the same steps.
     per_device = per_process_batch(dcfg.batch_size, ctx.ranks.world, "dpo.batch_size")
     work = ctx.run.train_dir(k)
@@ -601,6 +607,18 @@ METHODS: dict[str, Callable] = {"dpo": dpo, "sft_control": sft_control, "reward_
                                 "coh": coh}
 
 
+# Methods that learn from the round's pairs (the others read its samples).
+PAIR_METHODS = ("dpo", "coh", "reward_bon")
+
+
 def train(ctx: "Context", k: int) -> dict:
-    """The round's training stage (stage name ``dpo``): run ``train.method``."""
+    """The round's training stage (stage name ``dpo``): run ``train.method``; a pair method with no kept pair (the
+    pair stage allowed it, ``pair.allow_empty``) keeps round k-1's policy."""
+    if ctx.cfg.train.method in PAIR_METHODS and not _kept_pairs(ctx, k):
+        from models.codec_lm import Policy
+
+        log.warning("round %d %s: no pair to learn from; round %d's policy carries over", k, ctx.cfg.train.method, k - 1)
+        summary = _summary(ctx.cfg.train.method, pairs=0, carried_over=True)
+        _finish(ctx, k, Policy.load(ctx.run.policy_dir(k - 1), device="cpu"), summary, [])
+        return summary
     return METHODS[ctx.cfg.train.method](ctx, k)

@@ -141,7 +141,10 @@ def pair(ctx: "Context", k: int) -> dict:
         p["prompt"] = conditioning(meta, prompt_codes_of(ctx, p, by_id), p["text"], ctx.codec.frame_rate)
         p["chosen"] = fmt.completion_str(p["chosen_codes"])
         p["rejected"] = fmt.completion_str(p["rejected_codes"])
-    if not kept:
+    if not kept and cfg.pair.allow_empty:
+        log.warning("round %d pair: every pair was filtered out; the round keeps round %d's policy "
+                    "(pair.allow_empty)", k, k - 1)
+    elif not kept:
         raise ValueError(f"round {k}: every pair was filtered out (pair.min_distance={cfg.pair.min_distance}, "
                          f"pair.min_gap={cfg.pair.min_gap}, pair.max_chosen_wer={cfg.pair.max_chosen_wer}); "
                          "loosen them or sample with more diversity (sample.temperatures)")
@@ -159,8 +162,8 @@ def pair(ctx: "Context", k: int) -> dict:
                     kept.append(p)
     stats = {"pairs": len(kept), "new_pairs": new_kept, "accumulated": len(kept) - new_kept,
              "dropped": len(pairs) - len(kept), "drop_reasons": drops,
-             "mean_token_distance": float(np.mean([p["scores"]["token_distance"] for p in kept])),
-             "mean_length_ratio": float(np.mean([p["scores"]["length_ratio"] for p in kept])),
+             "mean_token_distance": float(np.mean([p["scores"]["token_distance"] for p in kept])) if kept else None,
+             "mean_length_ratio": float(np.mean([p["scores"]["length_ratio"] for p in kept])) if kept else None,
              "test_split_pairs": sum(bool(p["scores"].get("test_split")) for p in kept)}
     gaps = [p["scores"]["gap"] for p in kept if "gap" in p["scores"]]
     if gaps:
@@ -232,6 +235,30 @@ def gap_items(ctx: "Context") -> list[tuple]:
     return [(u, ctx.prompt_for(u, pool_of[u.id])) for u in chosen]
 
 
+def probe_stage(ctx: "Context", k: int, policy, out: Path) -> dict:
+    """The probe set's margins under round k's policy -> ``out/probes.json``; from round 1 on, the summary's
+    ``probe_*`` keys against round 0's margins (align/probes.py). The probes are built once per run (``probes.jsonl``
+    in the run directory) from a seeded subset of dev + test utterances."""
+    from align.probes import build_probes, probe_margins, probe_summary
+
+    path = ctx.run.root / "probes.jsonl"
+    if path.is_file():
+        probes = read_jsonl(path)
+    else:
+        utts = round_subset([u for pool in (ctx.splits.dev, ctx.splits.test) for u in pool], ctx.cfg.eval.probes,
+                            ctx.cfg.seed + 29)
+        probes = build_probes(ctx, policy.format, utts, frontend=policy.text_frontend,
+                              max_frames=policy.emit_rule.max_frames, seed=ctx.cfg.seed)
+        write_jsonl(path, probes)
+    margins = probe_margins(policy, probes)
+    (out / "probes.json").write_text(json.dumps({"margins": margins.tolist(),
+                                                 "ids": [(p["id"], p["kind"]) for p in probes]}))
+    if k == 0:
+        return {}
+    first = json.loads((ctx.run.eval_dir(0) / "probes.json").read_text())["margins"]
+    return probe_summary(probes, margins, np.asarray(first))
+
+
 def evaluate(ctx: "Context", k: int) -> dict:
     """Score round k's policy on the test split; rows to eval/rows.jsonl, means to eval/summary.json.
 
@@ -294,6 +321,10 @@ def evaluate(ctx: "Context", k: int) -> dict:
             summary.update(gap_summary)
             summary["seconds"]["gap"] = round(time.time() - t0, 2)
             (tmp / "gap.json").write_text(json.dumps(detail))
+        if ecfg.probes and policy.format.units is not None:
+            t0 = time.time()
+            summary.update(probe_stage(ctx, k, policy, tmp))
+            summary["seconds"]["probes"] = round(time.time() - t0, 2)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("round %d eval: WER %.3f SIM %.3f pauses %.3f %s(n=%d)%s", k, summary["wer"], summary["sim"],
              summary["defect_rate"],

@@ -256,9 +256,11 @@ def _seed_level(tests: pd.DataFrame) -> pd.Series:
 def markdown(study: StudyConfig, est: pd.DataFrame, tests: pd.DataFrame, split: str, header: str) -> str:
     """The table as Markdown: estimates, then every test with n, its name and Holm; the header says which test
     (seed-level with >= 2 seeds, else per utterance, with what a one-seed p means) and what n counts."""
+    several = "seeds" in est.columns and bool((est["seeds"] >= 2).any())
+    ci = ("two-stage bootstrap (seeds with replacement, then utterances within each drawn seed; 2000 resamples, "
+          "seeded)" if several else "percentile bootstrap over utterances (2000 resamples, seeded)")
     lines = [header, "", f"Per variant and round, on the {split} split, pooled over seeds {study.seeds} "
-             f"({int(est['n'].max())} utterance-seed pairs per round at most). CI: 95% percentile bootstrap over "
-             "utterances (2000 resamples, seeded).", ""]
+             f"({int(est['n'].max())} utterance-seed pairs per round at most). CI: 95% {ci}.", ""]
     cols = ["variant", "round", "n"] + [c for m in study.metrics for c in (m, f"{m} 95% CI")]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in est.sort_values(["run", "round"]).iterrows():

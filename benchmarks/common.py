@@ -33,15 +33,10 @@ def arg_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def machine() -> str:
-    """The CPU model (lscpu) and core count: every time a benchmark reports goes with it."""
-    model = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                     model)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    """The CPU model (lscpu) and core count: every time a benchmark reports goes with it (``models.digest.machine``)."""
+    from models.digest import machine as _machine
+
+    return _machine()
 
 
 def write_results(name: str, markdown: str, data: dict) -> Path:

@@ -93,8 +93,9 @@ def pca_2d(golden: list, synthetic: list, codebook_size: int) -> np.ndarray:
 
 @torch.no_grad()
 def completion_logprobs(policy, texts: list[str], prompts: list[torch.Tensor], seqs: list,
-                        batch_size: int = 16) -> np.ndarray:
-    """Mean per-token log-prob [N] of each speech stream (+ ``<eos>``) given its text and prompt.
+                        batch_size: int = 16, reduce: str = "mean") -> np.ndarray:
+    """Mean (``reduce="sum"``: summed, as DPO's implicit reward reads it) per-token log-prob [N] of each speech
+    stream (+ ``<eos>``) given its text and prompt.
 
     texts: N strings; prompts: N LongTensors [n_q, Tp] (full prompt codes); seqs: N streams of the
     policy's layout [T_i] (RVQ-1 codes, with unit markers when interleaved). Scored under the policy's
@@ -126,8 +127,8 @@ def completion_logprobs(policy, texts: list[str], prompts: list[torch.Tensor], s
             mask[i, : len(h) + len(c)] = 1
         scored = completion_log_probs(lm, rule, x.to(device), mask.to(device), labels.to(device))
         n = scored["label_mask"].sum(1)
-        mean = scored["log_probs"].sum(1) / n.clamp_min(1)
-        out[start:start + len(rows)] = torch.where(n > 0, mean, float("nan")).double().cpu().numpy()
+        value = scored["log_probs"].sum(1) / (n.clamp_min(1) if reduce == "mean" else 1)
+        out[start:start + len(rows)] = torch.where(n > 0, value, float("nan")).double().cpu().numpy()
     return out
 
 

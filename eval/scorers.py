@@ -68,6 +68,10 @@ class EvalConfig:
     defect: DefectConfig = field(default_factory=DefectConfig, metadata={
         "help": "the pause detector (eval/defects.py): every evaluated clip's longest internal pause and whether it "
                 "is the defect (metric 'defect'); the 'pause' pair scorer and GRPO reward use it too"})
+    probes: int = field(default=0, metadata={
+        "help": "held-out (dev + test) utterances of the probe set (align/probes.py): golden streams against copies "
+                "with a planted pause, shuffled or duplicated frames; every round reports how many of them its "
+                "policy prefers more than round 0 did (probe_accuracy). Interleaved policies; 0 = off"})
     defect_samples: int = field(default=0, metadata={
         "help": "extra samples per evaluated utterance judged by the pause detector alone (no ASR; from the rendered "
                 "log-mel where the policy has a phone renderer), so the defect rate is measured on (1 + N) samples "
@@ -85,8 +89,8 @@ class EvalConfig:
             raise ValueError("eval.quality=utmos needs eval.utmos_checkpoint (a TorchScript UTMOS file)")
         if self.prompt_min_seconds < 0:
             raise ValueError(f"eval.prompt_min_seconds={self.prompt_min_seconds} must be >= 0")
-        if self.save_audio < 0 or self.gap_utterances < 0 or self.defect_samples < 0:
-            raise ValueError("eval.save_audio >= 0, eval.gap_utterances >= 0 and eval.defect_samples >= 0 are required "
+        if min(self.save_audio, self.gap_utterances, self.defect_samples, self.probes) < 0:
+            raise ValueError("eval.save_audio, eval.gap_utterances, eval.defect_samples and eval.probes must be >= 0 "
                              "(0 = off)")
 
     def asr_kwargs(self, device: str) -> dict:

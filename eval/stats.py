@@ -406,14 +406,23 @@ def align_on_id(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.Data
 
 def round_estimates(table: pd.DataFrame, metrics: list[str] | None = None, *, n_boot: int = 2000,
                     level: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """One row per (run, round): ``<m>``, ``<m>_lo``, ``<m>_hi`` for each metric the rows carry."""
+    """One row per (run, round): ``<m>``, ``<m>_lo``, ``<m>_hi`` for each metric the rows carry. Where the rows carry
+    a ``seed`` column with >= 2 seeds, the CI is the two-stage bootstrap's (seeds, then utterances within them), as
+    the seed-level tests'; else the percentile bootstrap over rows. ``seeds`` says which."""
     metrics = metrics or list(METRICS)
     out = []
     for (run, k), g in table.groupby(["run", "round"], sort=True):
-        row = {"run": run, "round": int(k), "n": len(g)}
+        n_seeds = int(g["seed"].nunique()) if "seed" in g.columns else 1
+        row = {"run": run, "round": int(k), "n": len(g), "seeds": n_seeds}
         for m in metrics:
             if available(g, m):
-                e = bootstrap_ci(*metric_arrays(g, m), n_boot=n_boot, level=level, seed=seed)
+                num, den = metric_arrays(g, m)
+                if n_seeds >= 2:
+                    s_num, s_den = _cluster_sums([num, den], g["seed"].to_numpy(), n_boot, seed)
+                    lo, hi = _interval(_ratio(s_num, s_den), level)
+                    e = Estimate(float(num.sum() / den.sum()), lo, hi, len(num))
+                else:
+                    e = bootstrap_ci(num, den, n_boot=n_boot, level=level, seed=seed)
                 row.update({m: e.value, f"{m}_lo": e.lo, f"{m}_hi": e.hi})
         out.append(row)
     return pd.DataFrame(out)

@@ -119,3 +119,18 @@ def _code_digest(root: Path, packages: tuple[str, ...]) -> str:
         h.update(f.read_bytes())
     h.update(json.dumps(library_versions(), sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def machine() -> str:
+    """The CPU model (lscpu) and core count, e.g. "AMD EPYC, 2 cores": beside every time and recorded reference."""
+    import platform
+    import subprocess
+
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                     model)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{model}, {os.cpu_count()} cores"

@@ -151,3 +151,67 @@ def test_an_unscored_sample_ranks_worst_not_best():
     pcfg = PairConfig(rank_by="pareto", min_gap=0.0)
     best, worst, _ = rank_group([{"wer": nan, "sim": 0.9}, {"wer": 0.5, "sim": 0.5}, {"wer": 0.1, "sim": 0.9}], pcfg)
     assert (best, worst) == (2, 0)
+
+
+def test_the_pair_strings_are_the_codes_they_name(tmp_path, monkeypatch):
+    """What the trainer reads: the paper's chosen string is the golden stream, its rejected string the sample; a
+    judged pair's chosen string is the better-judged sample. (A swap anywhere between judging and the strings fails
+    here; before, tests checked only that the strings end with <eos>.)"""
+    from models.layout import format_of
+
+    ctx = FakeContext(tmp_path, ["pair.strategy=golden_vs_synthetic", "pair.min_distance=0.0"], n_utts=4)
+    rows = ctx.sample_rows(n=2)
+    ctx.write_samples(1, rows)
+    pair(ctx, 1)
+    fmt = format_of(ctx.run.policy_dir(0))
+    by_id = {u.id: u for u in ctx.splits.train}
+    got = read_jsonl(ctx.run.pairs_dir(1) / "pairs.jsonl")
+    assert len(got) == len(rows)
+    for p, r in zip(got, rows):
+        assert p["chosen"] == fmt.completion_str(ctx.golden_stream(by_id[p["id"]], fmt))
+        assert p["rejected"] == fmt.completion_str(r["codes"]) and p["rejected"] != p["chosen"]
+
+    ctx = FakeContext(tmp_path / "ranked", ["pair.strategy=ranked_samples", "pair.min_gap=0.0",
+                                            "pair.max_chosen_wer=1.0", "pair.min_distance=0.0",
+                                            "pair.scorers=[wer, sim]", "pair.length_band=[0.0, 100.0]"], n_utts=4)
+    rows = ctx.sample_rows(n=3)
+    table = {(r["id"], r["sample"]): {"wer": 0.1 * (r["sample"] + 1) + 0.01 * i, "sim": 0.5}
+             for i, r in enumerate(rows)}
+    _stub_scorers(monkeypatch, table)
+    ctx.write_samples(1, rows)
+    pair(ctx, 1)
+    codes = {(r["id"], r["sample"]): r["codes"] for r in rows}
+    for p in read_jsonl(ctx.run.pairs_dir(1) / "pairs.jsonl"):
+        best, worst = p["sample"]
+        assert table[(p["id"], best)]["wer"] < table[(p["id"], worst)]["wer"]  # chosen = the better judged
+        assert p["chosen"] == fmt.completion_str(codes[(p["id"], best)])
+        assert p["rejected"] == fmt.completion_str(codes[(p["id"], worst)])
+
+
+def test_a_round_with_nothing_to_prefer_keeps_its_policy_when_allowed(tmp_path, monkeypatch):
+    """A judge that finds no difference (every sample clean) leaves no pair: by default the run stops and says why;
+    with pair.allow_empty the round keeps round k-1's policy."""
+    import torch
+    from safetensors.torch import load_file
+
+    from align import methods
+
+    opts = ["pair.strategy=ranked_samples", "pair.min_gap=0.5", "pair.scorers=[wer]", "pair.max_chosen_wer=1.0"]
+    rows_of = lambda ctx: ctx.sample_rows(n=2)  # noqa: E731
+    ctx = FakeContext(tmp_path / "strict", opts, n_utts=4)
+    rows = rows_of(ctx)
+    _stub_scorers(monkeypatch, {(r["id"], r["sample"]): {"wer": 0.2, "sim": 0.5} for r in rows})  # all alike
+    ctx.write_samples(1, rows)
+    with pytest.raises(ValueError, match="every pair was filtered out"):
+        pair(ctx, 1)
+    ctx = FakeContext(tmp_path / "allowed", opts + ["pair.allow_empty=true"], n_utts=4)
+    ctx.write_samples(1, rows)
+    assert pair(ctx, 1)["pairs"] == 0
+    import shutil
+
+    shutil.rmtree(ctx.run.policy_dir(1))  # (the fake context lays every round's policy out in advance)
+    summary = methods.train(ctx, 1)
+    assert summary["pairs"] == 0 and summary["carried_over"]
+    a = load_file(str(ctx.run.policy_dir(0) / "model.safetensors"))
+    b = load_file(str(ctx.run.policy_dir(1) / "model.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in a)

@@ -209,14 +209,14 @@ def eval_items(ctx: "Context", test=None, n: int | None = None, seed: int | None
 
 
 def eval_store(ctx: "Context", policy_dir: Path, items: list) -> BatchStore:
-    """``Context.store`` of an evaluation: the items and their prompts, the ``eval:`` section, the seed, the data's
-    length cap."""
+    """``Context.store`` of an evaluation: the items (texts, reference recordings' bytes, prompt codes), the ``eval:``
+    section, the seed, the data's length cap (and, through ``Context.store``, the policy's files and the code)."""
     from align.config import config_to_dict
-
     from models.digest import file_key
 
-    # save_audio is not part of the key: a hit renders the clips it lacks from the stored codes (evaluate_policy)
-    ecfg = dict(config_to_dict(ctx.cfg)["eval"], gap_utterances=None, save_audio=None, extra_sets=None)
+    # save_audio is not part of the key: a hit renders the clips it lacks from the stored codes (evaluate_policy);
+    # the gap analysis, extra sets and probes are computed outside the stored batches
+    ecfg = dict(config_to_dict(ctx.cfg)["eval"], gap_utterances=None, save_audio=None, extra_sets=None, probes=None)
     prompts = hashlib.sha1(b"".join((it.prompt_audio.encode() if it.prompt_codes is None else
                                      it.prompt_codes.numpy().astype(np.int64).tobytes()) + b"|" for it in items))
     return ctx.store("evals", policy_dir, {

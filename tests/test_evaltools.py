@@ -288,6 +288,8 @@ def _planted_regression(run_dir, dest):
                 r["hypothesis"] = h
                 r["wer"] = utterance_wer(r["text"], h)
         write_jsonl(dest / f"round_{k:03d}" / "eval" / "rows.jsonl", rows)
+        # the summary (the probe set's reading, which the gate's own-run checks read) as it was
+        shutil.copy(run_dir / f"round_{k:03d}" / "eval" / "summary.json", dest / f"round_{k:03d}" / "eval")
     shutil.copy(run_dir / "config.yaml", dest / "config.yaml")
     return dest
 
@@ -353,3 +355,48 @@ def test_gate_passes_a_rerun_of_the_same_config(ci_run, ci_overrides, tmp_path, 
     assert "gate PASS" in capsys.readouterr().out
     bad = _planted_regression(rerun, tmp_path / "regressed")
     assert main(["gate", str(bad), "--baseline", str(baseline)]) == 1
+
+
+def test_gate_fails_a_run_that_kept_its_defect_or_lost_the_probes(ci_run, tmp_path, capsys):
+    """The gate's checks of a run against its own round 0: the CI loop's rounds must cut the pause-defect rate and
+    prefer the pause probes more than round 0 did; a copy whose final round pauses as round 0 did, or whose probes
+    read 0.5, fails with the reason, against the same baseline the real run passes."""
+    from align.cli import main
+
+    baseline = tmp_path / "baseline.json"
+    assert main(["gate", str(ci_run), "--write-baseline", str(baseline)]) == 0
+    assert main(["gate", str(ci_run), "--baseline", str(baseline)]) == 0
+    out = capsys.readouterr().out
+    assert "defect rate" in out and "shown" in out and "pause probes preferred" in out
+    kept = tmp_path / "kept"
+    shutil.copytree(ci_run, kept)
+    first = {r["id"]: r for r in read_jsonl(kept / "round_000" / "eval" / "rows.jsonl")}
+    last = read_jsonl(kept / "round_002" / "eval" / "rows.jsonl")
+    for r in last:  # the final round pauses exactly as round 0 did
+        r["pause"], r["pauses"], r["defect"] = (first[r["id"]][k] for k in ("pause", "pauses", "defect"))
+    write_jsonl(kept / "round_002" / "eval" / "rows.jsonl", last)
+    assert main(["gate", str(kept), "--baseline", str(baseline)]) == 1
+    assert capsys.readouterr().out.startswith("gate FAIL: defect rate")
+    lost = tmp_path / "lost"
+    shutil.copytree(ci_run, lost)
+    summary = json.loads((lost / "round_002" / "eval" / "summary.json").read_text())
+    summary["probe_accuracy_pause"] = 0.5
+    (lost / "round_002" / "eval" / "summary.json").write_text(json.dumps(summary))
+    assert main(["gate", str(lost), "--baseline", str(baseline)]) == 1
+    assert capsys.readouterr().out.startswith("gate FAIL: pause probes preferred over round 0: 0.500")
+
+
+def test_a_baseline_of_several_runs_is_their_per_utterance_mean(ci_run, tmp_path):
+    from eval.gate import load_baseline, write_baseline
+
+    other = tmp_path / "other"
+    shutil.copytree(ci_run, other)
+    rows = read_jsonl(other / "round_002" / "eval" / "rows.jsonl")
+    for r in rows:
+        r["sim"] = r["sim"] - 0.1
+    write_jsonl(other / "round_002" / "eval" / "rows.jsonl", rows)
+    (other / "utterances.parquet").unlink(missing_ok=True)
+    one = load_baseline(write_baseline(ci_run, tmp_path / "one.json"))
+    two = load_baseline(write_baseline([ci_run, other], tmp_path / "two.json"))
+    assert list(one["id"]) == list(two["id"])
+    assert (two["sim"] - (one["sim"] - 0.05)).abs().max() < 1e-9 and (two["errors"] == one["errors"]).all()

@@ -36,7 +36,9 @@ CI = REPO / "configs" / "ci.yaml"
 # configs/ci.yaml trained from scratch on a small base budget (the data-parallel base stage is under test too), one
 # round, and batches small enough that every stage deals at least two of them to the two ranks
 SHRINK = ["policy.pretrained=null", "base.steps=12", "base.nar_steps=8", "rounds=1", "sample.prompts_per_round=8",
-          "sample.batch_size=4", "eval.max_utterances=4", "eval.batch_size=2", "eval.gap_utterances=0"]
+          "sample.batch_size=4", "eval.max_utterances=4", "eval.batch_size=2", "eval.gap_utterances=0",
+          # a base of 12 steps babbles: the paper's pairs (one sample each) always exist, judged ones may not
+          "pair.strategy=golden_vs_synthetic", "sample.n=1", "eval.defect_samples=2", "eval.probes=0"]
 
 
 def _cmd(root: Path, name: str, nproc: int) -> list[str]:

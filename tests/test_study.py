@@ -15,7 +15,9 @@ from .conftest import REPO
 def _study(tmp_path, ci_run, ci_overrides) -> str:
     keep = [o for o in ci_overrides if not o.startswith("out_dir=")]
     data = {"name": "two", "base": str(REPO / "configs" / "ci.yaml"), "seeds": [0], "rounds": 1,
-            "reference": "dpo", "set": keep + ["eval.gap_utterances=0"],
+            # what the study machinery needs, not the CI loop's full rounds: fewer samples, steps and detector samples
+            "reference": "dpo", "set": keep + ["eval.gap_utterances=0", "eval.probes=0", "eval.defect_samples=1",
+                                               "sample.prompts_per_round=16", "sample.n=2", "dpo.steps=2"],
             "round0": {0: str(ci_run / "round_000" / "policy")},
             "variants": {"dpo": [], "control": ["train.method=sft_control"]},
             "out_dir": str(tmp_path / "runs"), "results": str(tmp_path / "results")}

@@ -630,6 +630,11 @@ class RunConfig:
             raise ValueError(f"device={self.device!r}: choose auto, cpu or cuda")
         if not self.name or "/" in self.name:
             raise ValueError(f"name={self.name!r} must be a non-empty folder name")
+        has_val = bool(self.data.val) if self.data.source == "manifests" else self.corpus.n_val_sentences > 0
+        if self.train.validate_every and self.rounds > 0 and not has_val:
+            raise ValueError("train.validate_every chooses checkpoints on a validation split held out of dev (the dev "
+                             "table must not grade its own choice), and this config has none: set "
+                             "corpus.n_val_sentences (the embedded corpus, e.g. 10) or data.val (your manifests)")
 
     @property
     def run_dir(self) -> Path:

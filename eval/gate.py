@@ -115,7 +115,8 @@ def write_baseline(run_dir: str | Path | list, out: str | Path, round_: int | No
         if available(rows, m):
             num, den = metric_arrays(rows, m)
             means[m] = float(num.sum() / den.sum())
-    data = {"run": Path(dirs[0]).name if len(dirs) == 1 else [Path(d).name for d in dirs], "round": k, "metrics": means,
+    data = {"run": "+".join(Path(d).name for d in dirs), "runs": [str(Path(d).name) for d in dirs], "round": k,
+            "metrics": means,
             "rows": json.loads(rows.to_json(orient="records", double_precision=15))}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +236,7 @@ def _within_run_checks(run_dir: str | Path, k: int, cfg: GateConfig) -> list[dic
                              "detector on the same utterances")
         t = paired_test(*metric_arrays(a, "defect"), *metric_arrays(b, "defect"), n_boot=cfg.n_boot,
                         level=cfg.confidence, seed=cfg.seed)
-        failed = t.hi > -cfg.defect_drop
+        failed = not t.hi < -cfg.defect_drop  # the whole CI below -drop: an unchanged rate (CI 0..0) fails
         out.append({"metric": "defect_drop", "round0": float(a["defect"].mean()), "final": float(b["defect"].mean()),
                     "delta": t.delta, "ci_lo": t.lo, "ci_hi": t.hi, "required": cfg.defect_drop, "n": t.n,
                     "failed": bool(failed),

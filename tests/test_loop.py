@@ -70,16 +70,17 @@ def test_resume_after_kill_between_stages(ci_run, ci_overrides, tmp_path):
 
 
 def test_resume_after_kill_inside_dpo(ci_run, ci_overrides, monkeypatch):
-    """A crash after DPO step 3 (checkpoint at step 2) resumes from the checkpoint to the same result."""
+    """A crash in DPO's third optimiser step (checkpoint at step 2) resumes from the checkpoint to the same result."""
     import trl
 
     cfg = load_config(CI_CONFIG, ci_overrides + ["name=ci_resume_dpo", "rounds=1"])
     original = trl.DPOTrainer.training_step
     calls = {"n": 0}
+    crash_at = 2 * cfg.dpo.grad_accum + 1  # training_step runs once per micro-batch: the first of step 3's
 
     def crashing_step(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == crash_at:
             raise KeyboardInterrupt("simulated kill inside DPO")
         return original(self, *args, **kwargs)
 

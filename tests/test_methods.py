@@ -321,7 +321,7 @@ def test_a_round_keeps_its_dev_best_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr("eval.evaluate.evaluate_policy", fake_evaluate)
     monkeypatch.setattr(validation, "dev_items", lambda ctx, n: [None] * 3)
     ctx = _round_one(tmp_path, ["dpo.steps=8", "dpo.save_steps=100", "dpo.learning_rate=1e-2",
-                                "train.validate_every=2", "train.validate_utterances=3"])
+                                "train.validate_every=2", "corpus.n_val_sentences=2", "train.validate_utterances=3"])
     stats = methods.train(ctx, 1)
     assert [r["step"] for r in stats["validation"]] == [0, 2, 4, 6, 8] and stats["chosen_step"] == 4
     assert stats["dev_wer"] == 0.30 and len(set(seen.values())) == 5  # every checkpoint differs
@@ -342,7 +342,7 @@ def test_a_round_that_only_hurts_dev_keeps_round_k_minus_1(tmp_path, monkeypatch
 
     monkeypatch.setattr("eval.evaluate.evaluate_policy", fake_evaluate)
     monkeypatch.setattr(validation, "dev_items", lambda ctx, n: [None] * 3)
-    ctx = _round_one(tmp_path, ["dpo.steps=4", "dpo.learning_rate=1e-2", "train.validate_every=2"])
+    ctx = _round_one(tmp_path, ["dpo.steps=4", "dpo.learning_rate=1e-2", "train.validate_every=2", "corpus.n_val_sentences=2"])
     stats = methods.train(ctx, 1)
     assert stats["chosen_step"] == 0 and not _changed(ctx)
 

@@ -155,7 +155,9 @@ def test_checkpoint_choice_reads_the_validation_split_never_dev(tmp_path):
     from align.validation import dev_items
     from models.data import Utterance
 
-    cfg = load_config(CI_CONFIG, [f"out_dir={tmp_path}", "train.validate_every=2"])
+    with pytest.raises(ValueError, match="corpus.n_val_sentences"):  # refused when the config is read
+        load_config(CI_CONFIG, [f"out_dir={tmp_path}", "train.validate_every=2"])
+    cfg = load_config(CI_CONFIG, [f"out_dir={tmp_path}", "train.validate_every=2", "corpus.n_val_sentences=2"])
     utt = lambda i, split: Utterance(f"{split}{i}", f"/{split}{i}.wav", f"text {i}", "s0")  # noqa: E731
     ctx = SimpleNamespace(cfg=cfg, splits=Splits([utt(i, "t") for i in range(4)], [utt(i, "d") for i in range(4)],
                                                  [utt(i, "x") for i in range(4)]))

@@ -18,7 +18,9 @@ from .conftest import REPO
 CI_CONFIG = REPO / "configs" / "ci.yaml"
 SGG = ["policy.pretrained=null", "base.stage=speechgpt_gen", "base.nar_steps=0", "speechgpt_gen.steps=20", "speechgpt_gen.batch_size=8",
        "speechgpt_gen.ode_steps=2", "speechgpt_gen.crop_frames=96", "rounds=1", "eval.max_utterances=4",
-       "eval.gap_utterances=0"]
+       "eval.gap_utterances=0", "eval.probes=0",
+       # a 20-step base babbles: the paper's pairs always exist, pairs judged by the pause detector may not
+       "pair.strategy=golden_vs_synthetic", "sample.n=1", "sample.prompts_per_round=16"]
 
 
 @pytest.fixture(scope="module")

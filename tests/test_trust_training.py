@@ -55,7 +55,7 @@ def test_dev_best_weights_follow_their_step_across_a_resume(tmp_path, monkeypatc
     """Steps 2 and 4 each improve; the run is killed and resumed from a trainer checkpoint at step 2, whose re-run
     step 4 no longer improves. The kept weights must be step 2's (the best remaining row), not the killed attempt's
     step 4; the weights of superseded steps go when the round ends, not before."""
-    ctx = FakeContext(tmp_path, ["train.validate_every=2"])
+    ctx = FakeContext(tmp_path, ["train.validate_every=2", "corpus.n_val_sentences=2"])
     _fake_dev(monkeypatch, [0.5, 0.4, 0.3, 0.45])
     v = validation.DevValidator(ctx, 1, ctx.policy)
     lms = {s: _weights(s) for s in (0, 2, 4)}
@@ -78,7 +78,7 @@ def test_dev_best_weights_follow_their_step_across_a_resume(tmp_path, monkeypatc
 
 
 def test_best_state_refuses_weights_written_for_another_step(tmp_path, monkeypatch):
-    ctx = FakeContext(tmp_path, ["train.validate_every=2"])
+    ctx = FakeContext(tmp_path, ["train.validate_every=2", "corpus.n_val_sentences=2"])
     _fake_dev(monkeypatch, [0.5, 0.4, 0.3])
     v = validation.DevValidator(ctx, 1, ctx.policy)
     for s in (0, 2, 4):
@@ -95,7 +95,7 @@ def test_best_state_refuses_weights_written_for_another_step(tmp_path, monkeypat
 def test_validation_rows_of_another_round_k_minus_1_policy_are_dropped(tmp_path, monkeypatch, caplog):
     """``--only-stage train`` after round k-1's policy was redone: the old curve's step 0 measured the old policy, so
     its rows (and rows from before rows recorded the policy) are dropped and step 0 is measured again."""
-    ctx = FakeContext(tmp_path, ["train.validate_every=2"])
+    ctx = FakeContext(tmp_path, ["train.validate_every=2", "corpus.n_val_sentences=2"])
     _fake_dev(monkeypatch, [0.5, 0.4])
     v = validation.DevValidator(ctx, 1, ctx.policy)
     v.measure(0, _weights(0))
@@ -133,7 +133,7 @@ def test_a_round_reports_the_figures_of_its_dev_best_step(tmp_path, monkeypatch)
     """DPO for 6 steps, dev-best at step 2: loss/reward figures are of the steps up to 2, the last steps' are under
     *_last, and only step 2's weights stay in the train folder once the round is saved."""
     _fake_dev(monkeypatch, [0.5, 0.3, 0.4, 0.45])
-    ctx = _round_one(tmp_path, ["dpo.steps=6", "dpo.learning_rate=1e-2", "train.validate_every=2"])
+    ctx = _round_one(tmp_path, ["dpo.steps=6", "dpo.learning_rate=1e-2", "train.validate_every=2", "corpus.n_val_sentences=2"])
     stats = methods.train(ctx, 1)
     history = json.loads((ctx.run.train_dir(1) / "metrics.json").read_text())["history"]
     assert stats["chosen_step"] == 2 and [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]

@@ -86,6 +86,12 @@ def _finish(ctx: "Context", k: int, policy, stats: dict, history: list[dict], tr
     ctx.ranks.barrier()
     if not ctx.ranks.is_main:
         return
+    bad = next((name for name, p in policy.lm.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:  # a NaN the loss guard could not see (e.g. a -inf log-prob of an impossible sequence)
+        raise FloatingPointError(
+            f"round {k}'s trained weights are not finite ({bad}, {stats.get('method', 'training')}); nothing was "
+            "saved and the previous round's policy is untouched. Lower the learning rate, or check that each pair's "
+            "sequences were spoken for its prompt (a token the policy's emit rule forbids there scores -inf).")
     policy.save(ctx.run.policy_dir(k))
     work = ctx.run.train_dir(k)
     work.mkdir(parents=True, exist_ok=True)
@@ -135,17 +141,19 @@ def _data_parallel(ctx: "Context") -> dict:
     return {} if accelerator is None else {"device": str(accelerator.device), "accelerator": accelerator}
 
 
-def nan_guard():
-    """A trainer callback that stops loudly when the DPO loss is not finite."""
+def nan_guard(method: str = "DPO", fix: str = "lower dpo.learning_rate or dpo.beta"):
+    """A trainer callback that stops loudly when the training loss or its gradient norm is not finite (the
+    trainer's ``logging_nan_inf_filter`` must be off, else a NaN step is logged as the mean of the others)."""
     from transformers import TrainerCallback
 
     class NaNGuard(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"DPO loss became {loss} at step {state.global_step}; lower dpo.learning_rate or dpo.beta. "
-                    "The previous round's policy is untouched.")
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if value is not None and not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"{method} {key} became {value} at step {state.global_step}; {fix}. "
+                        "The previous round's policy is untouched.")
 
     return NaNGuard()
 
@@ -252,7 +260,8 @@ def _trl_preference(ctx: "Context", k: int, rows: list[dict], *, method: str, lo
         precompute_ref_batch_size=per_device,
         learning_rate=dcfg.learning_rate, max_steps=dcfg.steps, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=dcfg.grad_accum, warmup_steps=int(dcfg.warmup_ratio * dcfg.steps),
-        lr_scheduler_type="cosine", max_length=dcfg.max_length, logging_steps=1, save_steps=dcfg.save_steps,
+        lr_scheduler_type="cosine", max_length=dcfg.max_length, logging_steps=1, logging_nan_inf_filter=False,
+        save_steps=dcfg.save_steps,
         save_strategy="steps", save_total_limit=1, save_only_model=False, report_to="none", seed=cfg.seed + k,
         data_seed=cfg.seed + k, use_cpu=ctx.device == "cpu", dataloader_num_workers=0, disable_tqdm=False,
         bf16=False, fp16=False, gradient_checkpointing=False)
@@ -561,13 +570,14 @@ def grpo(ctx: "Context", k: int) -> dict:
                                                       ctx.ranks.world, "train.grpo.num_generations x prompts_per_step"),
         num_generations=gcfg.num_generations, max_completion_length=policy_max_tokens(policy, data, max_frames),
         temperature=gcfg.temperature, top_k=gcfg.top_k, beta=gcfg.beta, loss_type=gcfg.loss_type,
-        logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed + k, data_seed=cfg.seed + k,
-        use_cpu=ctx.device == "cpu", dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
-        log_completions=False)
+        logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to="none", seed=cfg.seed + k,
+        data_seed=cfg.seed + k, use_cpu=ctx.device == "cpu", dataloader_num_workers=0, bf16=False, fp16=False,
+        gradient_checkpointing=False, log_completions=False)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's experimental hook: we rely on it
     with rule_scoring(policy.emit_rule):  # TRL passes its sampling temperature: the rule's log-probs at it
         trainer = GRPOTrainer(model=policy.lm, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(data),
                               processing_class=policy.tokenizer,
+                              callbacks=[nan_guard("GRPO", "lower train.grpo.learning_rate")],
                               rollout_func=_walk_rollout(policy, prompts_by_str, gcfg, cfg.seed * 1000 + k,
                                                          max_frames))
     validator = _validator(ctx, k, policy, trainer)

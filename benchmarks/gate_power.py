@@ -5,8 +5,9 @@
 
 The CI loop (configs/ci.yaml: the positive control at CI size, its round-0 policy pausing in some of its samples)
 runs at each clean seed and once per mutation (seed 0, the CI's own seed, from the same committed round-0 policy).
-Every run is read by four tiers:
+Every run is read by five tiers:
 
+    run           the CI run itself stops with an error (the NaN guard, a refused config): CI fails, a catch
     fingerprint   the deterministic tier: ``speechalign fingerprint`` under the same fault (fixed pairs, fixed seed;
                   configs/ci_fingerprint.json); a clean seed cannot move it (it samples nothing), so its false
                   alarms are zero by construction and its column is about faults alone
@@ -29,7 +30,7 @@ from common import ROOT, arg_parser, machine, write_results
 CI = ROOT / "configs" / "ci.yaml"
 BASELINE = ROOT / "configs" / "ci_baseline.json"
 FINGERPRINT = ROOT / "configs" / "ci_fingerprint.json"
-TIERS = ("fingerprint", "defect", "probes", "wer/sim")
+TIERS = ("run", "fingerprint", "defect", "probes", "wer/sim")
 
 
 def tiers(run_dir: Path, gate_cfg, fingerprint) -> dict:
@@ -38,7 +39,8 @@ def tiers(run_dir: Path, gate_cfg, fingerprint) -> dict:
 
     from eval.gate import run_gate
 
-    out = {"fingerprint": {"caught": not fingerprint.passed, "detail": fingerprint.message}}
+    out = {"run": {"caught": False, "detail": "finished"},
+           "fingerprint": {"caught": not fingerprint.passed, "detail": fingerprint.message}}
     only = lambda **kw: dataclasses.replace(gate_cfg, **kw)  # noqa: E731
     res = run_gate(run_dir, BASELINE, only(min_probe_accuracy=None))
     drop = next(c for c in res.checks if c["metric"] == "defect_drop")
@@ -90,18 +92,32 @@ def main() -> None:
     for name in args.mutations or list(MUTATIONS):
         m = MUTATIONS[name]
         overrides = m.overrides(base_cfg)
+        row = {"kind": "mutation", "run": name, "what": m.description, "overrides": overrides, "dir": f"mut-{name}"}
         with m.active():
-            d = run(f"mut-{name}", overrides)
-            fp = check_fingerprint(str(CI), FINGERPRINT, overrides)
-        rows.append({"kind": "mutation", "run": name, "what": m.description, "overrides": overrides, "dir": d.name,
-                     "tiers": tiers(d, base_cfg.gate, fp)})
+            try:
+                fp = check_fingerprint(str(CI), FINGERPRINT, overrides)
+                fp_tier = {"caught": not fp.passed, "detail": fp.message}
+            except Exception as e:  # noqa: BLE001 - a fault that stops the trainer is caught by stopping it
+                fp, fp_tier = None, {"caught": True, "detail": f"stopped: {type(e).__name__}: {e}"}
+            try:
+                d = run(f"mut-{name}", overrides)
+            except Exception as e:  # noqa: BLE001 - CI fails when its run stops: that is a catch, said as one
+                seconds[f"mut-{name}"] = None
+                row["tiers"] = {"run": {"caught": True, "detail": f"stopped: {type(e).__name__}: {e}"},
+                                "fingerprint": fp_tier, "defect": None, "probes": None, "wer/sim": None}
+                rows.append(row)
+                continue
+        row["tiers"] = tiers(d, base_cfg.gate, fp) if fp is not None else dict(tiers(d, base_cfg.gate, clean_fp),
+                                                                              fingerprint=fp_tier)
+        rows.append(row)
     g = base_cfg.gate
     md = ["# Gate power: what the CI loop's tiers catch", "",
           f"`python benchmarks/gate_power.py --clean-seeds {' '.join(map(str, args.clean_seeds))} --baseline-seeds "
           f"{' '.join(map(str, args.baseline_seeds))}` ({(time.time() - t0) / 60:.0f} min of this invocation on "
-          f"{machine()}; finished runs are read; a CI run took {min(seconds.values()):.0f}-{max(seconds.values()):.0f} "
+          f"{machine()}; finished runs are read; a CI run took {min(v for v in seconds.values() if v):.0f}-{max(v for v in seconds.values() if v):.0f} "
           "s where it ran here). configs/ci.yaml: the positive control at CI size (its round-0 policy pauses in some "
-          "samples; each round's pairs are judged by the pause detector). Tiers: **fingerprint** (configs/"
+          "samples; each round's pairs are judged by the pause detector). Tiers: **run** (the CI run stops with an "
+          "error, so CI fails: the NaN guard, a refused config), **fingerprint** (configs/"
           "ci_fingerprint.json, fixed pairs and seed: clean seeds cannot move it), **defect** (the run's defect rate "
           f"must fall from round 0 by {g.defect_drop:g}: the {g.confidence:.0%} CI of the paired change below "
           f"-{g.defect_drop:g}), **probes** (the final round prefers at least {g.min_probe_accuracy:g} of the pause "
@@ -113,6 +129,11 @@ def main() -> None:
           "|" + "---|" * (6 + len(TIERS))]
     for r in rows:
         t = r["tiers"]
+        if t["defect"] is None:  # the run stopped: no figures, the behavioural tiers never read it
+            md.append(f"| {r['kind']} | {r['run']} | {t['run']['detail'][:160]} | | | | "
+                      + " | ".join("**yes**" if t[x] and t[x]["caught"] else "-" if t[x] else "n/a" for x in TIERS)
+                      + " |")
+            continue
         wer, sim = t["wer/sim"].get("wer", {}), t["wer/sim"].get("sim", {})
         md.append(f"| {r['kind']} | {r['run']} | {t['defect']['round0']:.3f} -> {t['defect']['final']:.3f} "
                   f"[{t['defect']['ci'][0]:+.3f}, {t['defect']['ci'][1]:+.3f}] | {t['probes']['value']:.3f} | "
@@ -122,17 +143,18 @@ def main() -> None:
                   + " | ".join("**yes**" if t[x]["caught"] else "-" for x in TIERS) + " |")
     clean = [r for r in rows if r["kind"] == "clean seed"]
     muts = [r for r in rows if r["kind"] == "mutation"]
+    caught = lambda r, x: bool(r["tiers"][x] and r["tiers"][x]["caught"])  # noqa: E731
     md += ["", "| tier | false alarms (clean seeds) | mutations caught |", "|---|---|---|"]
     for x in TIERS:
-        md.append(f"| {x} | {sum(r['tiers'][x]['caught'] for r in clean)} of {len(clean)} | "
-                  f"{sum(r['tiers'][x]['caught'] for r in muts)} of {len(muts)}: "
-                  f"{', '.join(r['run'] for r in muts if r['tiers'][x]['caught']) or '-'} |")
+        md.append(f"| {x} | {sum(caught(r, x) for r in clean)} of {len(clean)} | "
+                  f"{sum(caught(r, x) for r in muts)} of {len(muts)}: "
+                  f"{', '.join(r['run'] for r in muts if caught(r, x)) or '-'} |")
     behaviour = ("defect", "probes", "wer/sim")
-    missed = [r["run"] for r in muts if not any(r["tiers"][x]["caught"] for x in TIERS)]
+    missed = [r["run"] for r in muts if not any(caught(r, x) for x in TIERS)]
     md += ["", f"Caught by some tier: {len(muts) - len(missed)} of {len(muts)} mutations"
            + (f"; missed: {', '.join(missed)}" if missed else "") + ". Caught by a behavioural tier (defect, probes or "
-           f"wer/sim) on its own: {', '.join(r['run'] for r in muts if any(r['tiers'][x]['caught'] for x in behaviour)) or '-'}."
-           f" False alarms of any tier: {sum(any(r['tiers'][x]['caught'] for x in TIERS) for r in clean)} of "
+           f"wer/sim) on its own: {', '.join(r['run'] for r in muts if any(caught(r, x) for x in behaviour)) or '-'}."
+           f" False alarms of any tier: {sum(any(caught(r, x) for x in TIERS) for r in clean)} of "
            f"{len(clean)} clean seeds.", "",
            "What each mutation is: " + "; ".join(f"`{r['run']}` {r['what']}" for r in muts) + "."]
     out = write_results("gate_power", "\n".join(md), {"machine": machine(), "seconds": round(time.time() - t0, 1),

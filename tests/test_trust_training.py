@@ -4,6 +4,7 @@ forward's signature, the gate says what it paired, and ``speechalign eval --save
 import inspect
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -289,3 +290,35 @@ def test_eval_save_audio_keeps_every_scored_clip(tmp_path, real_speech_dir, monk
     assert main(["eval", "--policy", str(policy_dir), "--manifest", str(manifest), "--out", str(out),
                  "--quality", "none"]) == 0
     assert all("output_audio" not in r for r in json.loads(out.read_text())["rows"])
+
+
+# ---------------------------------------------------------------------------------------------
+# (g) a NaN stops the round loudly and saves nothing (the trainer's log filter once hid it)
+# ---------------------------------------------------------------------------------------------
+def test_a_nan_in_training_stops_the_round_and_saves_nothing(tmp_path):
+    """transformers' ``logging_nan_inf_filter`` (on by default) logs a NaN step as the mean of the finite ones, so
+    the NaN guard saw a finite loss and a NaN policy was saved as the round's (found by the gate's shuffled-pairs
+    mutation, whose impossible sequences score -inf)."""
+    from safetensors.torch import load_file, save_file
+
+    ctx = _round_one(tmp_path, ["dpo.steps=2"])
+    path = ctx.run.policy_dir(0) / "model.safetensors"
+    weights = load_file(str(path))
+    name = next(n for n in weights if weights[n].is_floating_point() and weights[n].dim() == 2)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(path), metadata={"format": "pt"})
+    shutil.rmtree(ctx.run.policy_dir(1))  # (the fake lays out every round's policy; the round must write its own)
+    with pytest.raises(FloatingPointError, match="(loss|grad_norm) became nan at step 1"):
+        methods.train(ctx, 1)
+    assert not (ctx.run.policy_dir(1) / "model.safetensors").exists()
+
+
+def test_weights_that_are_not_finite_are_never_saved_as_a_round(tmp_path):
+    ctx = FakeContext(tmp_path, [], n_utts=2)
+    shutil.rmtree(ctx.run.policy_dir(1))
+    policy = Policy.load(ctx.run.policy_dir(0), device="cpu")
+    with torch.no_grad():
+        next(policy.lm.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="not finite.*nothing was saved"):
+        methods._finish(ctx, 1, policy, {"method": "dpo"}, [])
+    assert not ctx.run.policy_dir(1).exists()

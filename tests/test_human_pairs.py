@@ -27,6 +27,7 @@ def _judge(db, items, prefer_round: int) -> dict[str, dict]:
     return truth
 
 
+@pytest.mark.slow  # a CI round (~40 s): CI runs it with -m slow; the resolution and refusal checks below are fast
 def test_a_round_trains_on_what_raters_preferred(ci_run, ci_overrides, tmp_path):
     items = listen.build_items([ci_run], rounds=[0, 2])
     assert items, "the CI run saves audio for its first eval.save_audio items"

@@ -50,6 +50,8 @@ def test_policy_changes_across_rounds(ci_run):
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
 
 
+@pytest.mark.slow  # a CI round recomputed in its own cache (~100 s): CI runs it with -m slow; test_kill_resume.py
+# and test_batch_resume.py hold the fast resume checks
 def test_resume_after_kill_between_stages(ci_run, ci_overrides, tmp_path):
     """Stop after round 1's pair stage, then rerun: round 0-1 metrics equal the uninterrupted run's. The run keeps
     its own stage caches, so what it is compared on was computed again, not read from ci_run's."""

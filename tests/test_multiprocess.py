@@ -101,6 +101,7 @@ def runs(tmp_path_factory):
     return root, one, two
 
 
+@pytest.mark.slow  # two CI-config runs from scratch (~130 s on 2 cores): CI runs it with -m slow
 def test_two_processes_give_the_one_process_run(runs):
     _, one, two = runs
     assert json.loads((two / "round_001" / "samples" / "stats.json").read_text())["processes"] == 2

@@ -321,6 +321,7 @@ def tiny_policy_dir(tmp_path_factory):
     return root / "policy"
 
 
+@pytest.mark.slow  # its fixture trains a tiny SpeechGPT (~45 s, shared with the chat test): CI runs both with -m slow
 def test_policy_declares_format_and_generates_units(tiny_policy_dir):
     from models.codec_lm import Policy
     from models.layout import format_of
@@ -341,6 +342,7 @@ def test_policy_declares_format_and_generates_units(tiny_policy_dir):
     assert len(policy.render(greedy, prompt)) > 0
 
 
+@pytest.mark.slow  # shares the slow fixture above
 def test_chat_answers_in_text_and_in_speech(tiny_policy_dir, tmp_path, capsys):
     from models.audio import load_audio
     from align.cli import main

@@ -28,6 +28,7 @@ def sgg_run(ci_overrides):
     return run_loop(load_config(CI_CONFIG, ci_overrides + SGG + ["name=ci_sgg"]))
 
 
+@pytest.mark.slow  # the SpeechGPT-Gen base and a round (~75 s with the next test): CI runs them with -m slow
 def test_round_from_the_speechgpt_gen_base(sgg_run):
     rows = {r["round"]: r for r in read_jsonl(sgg_run / "metrics.jsonl")}
     assert sorted(rows) == [0, 1]
@@ -90,6 +91,7 @@ def _corpus_wavs(ci_overrides):
     return wavs
 
 
+@pytest.mark.slow  # shares the slow SpeechGPT-Gen run above
 def test_tts_and_vc_commands_write_wavs(sgg_run, ci_overrides, tmp_path):
     from align.cli import main
 

@@ -26,6 +26,8 @@ def _study(tmp_path, ci_run, ci_overrides) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # two CI-config runs (~120 s): CI runs it with -m slow; tests/test_study_stats.py holds the fast
+# checks of the table, the seed-level tests and --final's record
 def test_a_two_variant_study_runs_resumes_and_reports(ci_run, ci_overrides, tmp_path, monkeypatch, capsys):
     path = _study(tmp_path, ci_run, ci_overrides)
     assert main(["study", path, "--print-commands"]) == 0

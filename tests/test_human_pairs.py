@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from align.config import load_config
 from align.loop import run_loop

@@ -33,14 +33,15 @@ FINGERPRINT = ROOT / "configs" / "ci_fingerprint.json"
 TIERS = ("run", "fingerprint", "defect", "probes", "wer/sim")
 
 
-def tiers(run_dir: Path, gate_cfg, fingerprint) -> dict:
-    """Each tier's verdict on one run: {tier: {"caught": bool, "detail": str}}."""
+def tiers(run_dir: Path, gate_cfg, fingerprint: dict) -> dict:
+    """Each tier's verdict on one finished run: {tier: {"caught": bool, "detail": str}}; ``fingerprint`` is that
+    tier's verdict, found apart (``fingerprint_tier``)."""
     import dataclasses
 
     from eval.gate import run_gate
 
     out = {"run": {"caught": False, "detail": "finished"},
-           "fingerprint": {"caught": not fingerprint.passed, "detail": fingerprint.message}}
+           "fingerprint": fingerprint}
     only = lambda **kw: dataclasses.replace(gate_cfg, **kw)  # noqa: E731
     res = run_gate(run_dir, BASELINE, only(min_probe_accuracy=None))
     drop = next(c for c in res.checks if c["metric"] == "defect_drop")
@@ -55,6 +56,18 @@ def tiers(run_dir: Path, gate_cfg, fingerprint) -> dict:
     return out
 
 
+def fingerprint_tier(overrides: list[str] | None = None) -> dict:
+    """The fingerprint's verdict under ``overrides`` (and whatever mutation is active): a fault that stops its
+    trainer is caught by stopping it."""
+    from align.fingerprint import check_fingerprint
+
+    try:
+        fp = check_fingerprint(str(CI), FINGERPRINT, overrides)
+    except Exception as e:  # noqa: BLE001
+        return {"caught": True, "detail": f"stopped: {type(e).__name__}: {e}"}
+    return {"caught": not fp.passed, "detail": fp.message}
+
+
 def main() -> None:
     p = arg_parser(__doc__)
     p.add_argument("--clean-seeds", type=int, nargs="+", default=[3, 4, 5, 6, 7])
@@ -65,7 +78,6 @@ def main() -> None:
     args = p.parse_args()
 
     from align.config import load_config
-    from align.fingerprint import check_fingerprint
     from align.loop import run_loop
     from eval.gate import write_baseline
     from tests.mutations import MUTATIONS
@@ -84,7 +96,7 @@ def main() -> None:
     baseline_runs = [run(f"seed{s}", [f"seed={s}"]) for s in args.baseline_seeds]
     if args.write_baseline:
         write_baseline(baseline_runs, BASELINE)
-    clean_fp = check_fingerprint(str(CI), FINGERPRINT)
+    clean_fp = fingerprint_tier()
     rows = []
     for s in args.clean_seeds:
         d = run(f"seed{s}", [f"seed={s}"])
@@ -94,21 +106,16 @@ def main() -> None:
         overrides = m.overrides(base_cfg)
         row = {"kind": "mutation", "run": name, "what": m.description, "overrides": overrides, "dir": f"mut-{name}"}
         with m.active():
-            try:
-                fp = check_fingerprint(str(CI), FINGERPRINT, overrides)
-                fp_tier = {"caught": not fp.passed, "detail": fp.message}
-            except Exception as e:  # noqa: BLE001 - a fault that stops the trainer is caught by stopping it
-                fp, fp_tier = None, {"caught": True, "detail": f"stopped: {type(e).__name__}: {e}"}
+            fp = fingerprint_tier(overrides)
             try:
                 d = run(f"mut-{name}", overrides)
             except Exception as e:  # noqa: BLE001 - CI fails when its run stops: that is a catch, said as one
                 seconds[f"mut-{name}"] = None
                 row["tiers"] = {"run": {"caught": True, "detail": f"stopped: {type(e).__name__}: {e}"},
-                                "fingerprint": fp_tier, "defect": None, "probes": None, "wer/sim": None}
+                                "fingerprint": fp, "defect": None, "probes": None, "wer/sim": None}
                 rows.append(row)
                 continue
-        row["tiers"] = tiers(d, base_cfg.gate, fp) if fp is not None else dict(tiers(d, base_cfg.gate, clean_fp),
-                                                                              fingerprint=fp_tier)
+        row["tiers"] = tiers(d, base_cfg.gate, fp)
         rows.append(row)
     g = base_cfg.gate
     md = ["# Gate power: what the CI loop's tiers catch", "",

@@ -6,7 +6,9 @@ chosen, the same streams with a planted pause rejected; half of them per round, 
 reference), at a fixed seed, and their per-step log is the fingerprint: loss, grad norm, chosen/rejected log-probs
 and implicit rewards. No sampling, no judge, no corpus: nothing discrete can branch, so
 two machines of one kind differ only by float rounding, and a changed trainer (another beta, learning rate,
-reference, loss, scoring, accumulation) moves it far beyond that. As TRL's invariant tests and torchtune's recipe
+reference, loss, scoring, accumulation) moves it far beyond that. Beside it, the sampling fingerprint
+(``run_sampling``): the same policy speaks the pairs' texts at the run's decodings, and the mean log-prob of what it
+drew (minus its entropy) is compared within the spread of seeds, so a hotter or otherwise changed sampler is seen. As TRL's invariant tests and torchtune's recipe
 tests, a fingerprint is compared by the max and the mean of its per-step differences, each within tolerances
 recorded from repeated runs (thread counts 1 and 2, and weights perturbed by float32 rounding's size: what
 another CPU's arithmetic could leave) and an arithmetic floor.
@@ -25,13 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval.gate import first_step_violations
 from models.digest import dir_digest, library_versions, machine
 
 log = logging.getLogger("speechalign.fingerprint")
@@ -69,6 +71,7 @@ def fingerprint_pairs(ctx, k_policy: Path, n: int, seed: int) -> list[dict]:
                       frame_rate=ctx.codec.frame_rate, max_frames=meta.get("max_frames_per_unit"))
         prompt = ctx.prompt_for(u, ctx.splits.train)
         out.append({"id": u.id, "prompt_id": prompt.id, "text": u.text, "keep": True,
+                    "prompt_codes": ctx.codes(prompt).tolist(),
                     "prompt": conditioning(meta, ctx.codes(prompt), u.text, ctx.codec.frame_rate),
                     "chosen": fmt.completion_str(golden), "rejected": fmt.completion_str(bad),
                     "scores": {"token_distance": 0.0, "length_ratio": 1.0}})
@@ -109,6 +112,83 @@ def run_fingerprint(cfg, policy_dir: str | Path, pairs: list[dict], work: str | 
     return out
 
 
+# The sampling fingerprint: the committed round-0 policy speaks the fingerprint's texts at the run's own decodings (the
+# pair stage's sample.* and the evaluation's eval.*), SAMPLES_PER_TEXT each, and each sample is scored under the
+# policy's temperature-1 emit rule (the distribution it learnt). Its mean per-token log-prob is minus the entropy of
+# what was drawn: a hotter temperature, a top-k or top-p dropped or misapplied, another sampler all move it. Unlike
+# the training rows, a draw is discrete, so rounding can flip one token on another CPU and the rest of that sample
+# with it; the recorded tolerance is therefore the spread of the statistic over seeds (another CPU's rounding is at
+# worst another seed's draws), SAMPLING_SDS standard deviations of it.
+SAMPLES_PER_TEXT = 2
+SAMPLING_SEEDS = 6
+SAMPLING_SDS = 4.0
+SAMPLING_KEYS = ("logp", "frames")
+
+
+def decodings(cfg) -> dict[str, list[tuple[float, int, float]]]:
+    """Per part of the loop that samples ("sample": the pair stage, "eval": the evaluation), the (temperature,
+    top_k, top_p) of each of its ``SAMPLES_PER_TEXT`` samples, as the stages read them from ``cfg``."""
+    sample = [cfg.sample.settings(j) for j in range(SAMPLES_PER_TEXT)]  # (temperature, top_p) of sample j
+    return {"sample": [(t, cfg.sample.top_k, p) for t, p in sample],
+            "eval": [(cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p)] * SAMPLES_PER_TEXT}
+
+
+def run_sampling(cfg, policy_dir: str | Path, pairs: list[dict], seed: int = 0) -> dict[str, dict[str, float]]:
+    """The sampling fingerprint of ``cfg``'s decodings from the policy at ``policy_dir`` on the texts and prompts of
+    ``pairs``: per part (``decodings``), ``logp`` (mean over samples of the per-token log-prob under the policy's
+    temperature-1 emit rule) and ``frames`` (mean codes per sample)."""
+    import numpy as np
+    import torch
+
+    from eval.gap import completion_logprobs
+    from models.codec_lm import Policy
+
+    policy = Policy.load(policy_dir)
+    texts = [p["text"] for p in pairs]
+    prompts = [torch.as_tensor(p["prompt_codes"], dtype=torch.long) for p in pairs]
+    out = {}
+    # One thread: the draws then do not depend on the caller's thread count (a reference recorded anywhere on this
+    # machine kind is met to the bit on it), and a tiny model's token-by-token decoding gains nothing from a second
+    # thread but its barriers' stalls on a busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for part, settings in decodings(cfg).items():
+            samples, lp = [], []
+            for j, (temperature, top_k, top_p) in enumerate(settings):
+                drawn = [s[0] for s in policy.generate(texts, prompts, n=1, temperature=temperature, top_k=top_k,
+                                                       top_p=top_p, seed=seed * 7919 + j, batch_size=len(texts))]
+                samples += drawn
+                lp.append(completion_logprobs(policy, texts, prompts, drawn, batch_size=len(texts)))
+            lp = np.concatenate(lp)
+            out[part] = {"logp": float(np.mean(lp[np.isfinite(lp)])),
+                         "frames": float(np.mean([len(policy.format.frames(s)) for s in samples]))}
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def sampling_tolerances(runs: list[dict]) -> dict:
+    """Per part and key: ``SAMPLING_SDS`` x the standard deviation over the seeds' runs (ddof 1)."""
+    import numpy as np
+
+    return {part: {key: float(SAMPLING_SDS * np.std([r[part][key] for r in runs], ddof=1)) for key in SAMPLING_KEYS}
+            for part in runs[0]}
+
+
+def compare_sampling(values: dict, reference: dict) -> list[str]:
+    """The parts and keys of a sampling fingerprint further from the reference's (its seed-0 run) than their
+    tolerance; empty when all are within."""
+    bad = []
+    for part, ref in reference["values"].items():
+        for key in SAMPLING_KEYS:
+            diff, tol = values[part][key] - ref[key], reference["tolerance"][part][key]
+            if not abs(diff) <= tol:
+                bad.append(f"sampling {part} {key} {values[part][key]:.4g} vs {ref[key]:.4g} (|diff| {abs(diff):.3g} > "
+                           f"tol {tol:.3g}, {SAMPLING_SDS:g} sd of {len(reference['runs'])} seeds)")
+    return bad
+
+
 @dataclass
 class FingerprintResult:
     passed: bool
@@ -116,25 +196,11 @@ class FingerprintResult:
     checks: list[dict]
 
 
-def first_step_checks(rows: list[dict], sft_weight: float) -> list[str]:
-    """What step 1 must read whatever was recorded: the policy is its own reference, so the implicit rewards are 0
-    and, without an SFT term, the DPO loss is ln 2. Returns the violations."""
-    bad = []
-    for first in (r for r in rows if r["step"] == 1):  # every round starts from its reference
-        k = first.get("round", 1)
-        bad += [f"round {k} step 1 {key} = {first[key]:.3g}, not 0 (the policy is its reference at step 1)"
-                for key in ("rewards/chosen", "rewards/rejected", "rewards/margins") if abs(first.get(key, 0.0)) > 1e-6]
-        if sft_weight == 0 and abs(first["loss"] - math.log(2)) > 1e-5:
-            bad.append(f"round {k} step 1 loss = {first['loss']:.6f}, not ln 2 = {math.log(2):.6f} (sigmoid DPO at "
-                       "margin 0)")
-    return bad
-
-
 def compare_fingerprint(rows: list[dict], reference: dict, sft_weight: float = 0.0) -> FingerprintResult:
     """Per key: the max |difference| over steps and |mean difference| against the reference's rows, each within its
-    recorded tolerance; the steps must be the same; step 1 as ``first_step_checks``."""
+    recorded tolerance; the steps must be the same; step 1 as ``eval.gate.first_step_violations``."""
     ref = reference["rows"]
-    problems = first_step_checks(rows, sft_weight)
+    problems = first_step_violations(rows, sft_weight)
     if [(r["round"], r["step"]) for r in rows] != [(r["round"], r["step"]) for r in ref]:
         problems.append(f"(round, step) {[(r['round'], r['step']) for r in rows]} differ from the reference's "
                         f"{[(r['round'], r['step']) for r in ref]}")
@@ -224,7 +290,8 @@ def record_fingerprint(config: str, out: str | Path, *, why: str, overrides: lis
     with tempfile.TemporaryDirectory(prefix="fingerprint-noise-") as tmp:
         for i in range(perturbations):
             runs.append(run_fingerprint(cfg, perturbed_copy(cfg.policy.pretrained, Path(tmp) / f"p{i}", seed=i), pairs))
-    bad = first_step_checks(runs[0], cfg.dpo.sft_weight)
+    sampling = [run_sampling(cfg, cfg.policy.pretrained, pairs, seed=s) for s in range(SAMPLING_SEEDS)]
+    bad = first_step_violations(runs[0], cfg.dpo.sft_weight)
     if bad:
         raise ValueError("refusing to record a fingerprint that breaks the step-1 invariants: " + "; ".join(bad))
     reference = {
@@ -233,7 +300,10 @@ def record_fingerprint(config: str, out: str | Path, *, why: str, overrides: lis
         "overrides": list(overrides or []), "threads": list(threads), "perturbations": perturbations,
         "libraries": library_versions(),
         "policy": str(cfg.policy.pretrained), "policy_digest": dir_digest(cfg.policy.pretrained),
-        "rows": runs[0], "tolerance": tolerances(runs), "pairs": pairs}
+        "rows": runs[0], "tolerance": tolerances(runs),
+        "sampling": {"decodings": decodings(cfg), "samples_per_text": SAMPLES_PER_TEXT, "values": sampling[0],
+                     "runs": sampling, "tolerance": sampling_tolerances(sampling)},
+        "pairs": pairs}
     write_json(out, reference)
     log.info("fingerprint recorded in %s (%d steps, %d pairs): %s", out, len(runs[0]), len(pairs), why)
     return reference
@@ -250,4 +320,12 @@ def check_fingerprint(config: str, reference: str | Path, overrides: list[str] |
         return FingerprintResult(False, f"fingerprint FAIL: {cfg.policy.pretrained} is not the policy {reference} was "
                                         "recorded from; re-record it (speechalign fingerprint --record --why ...)", [])
     rows = run_fingerprint(cfg, cfg.policy.pretrained, ref["pairs"])
-    return compare_fingerprint(rows, ref, cfg.dpo.sft_weight)
+    result = compare_fingerprint(rows, ref, cfg.dpo.sft_weight)
+    if "sampling" not in ref:
+        return result
+    bad = compare_sampling(run_sampling(cfg, cfg.policy.pretrained, ref["pairs"]), ref["sampling"])
+    if bad:
+        head = result.message if not result.passed else "fingerprint FAIL"
+        return FingerprintResult(False, f"{head}{': ' if result.passed else '; '}{'; '.join(bad)}", result.checks)
+    return FingerprintResult(result.passed, result.message + ("; sampling within tolerance" if result.passed else ""),
+                             result.checks)

@@ -53,6 +53,16 @@ class GateConfig:
     min_probe_accuracy: float | None = field(default=None, metadata={
         "help": "a check of the run itself: its final round must prefer at least this share of the pause probes "
                 "more than round 0 did (summary probe_accuracy_pause, align/probes.py); null = not checked"})
+    min_probe_movement: float | None = field(default=None, metadata={
+        "help": "a check of the run itself: the median over the probe set of |margin(final) - margin(round 0)| "
+                "(nats, align/probes.py) must reach this: a trainer that barely moves the policy (a learning rate "
+                "a tenth of the configured one, an optimiser that skips steps) moves it about a tenth as far; "
+                "null = not checked"})
+    first_step: bool = field(default=True, metadata={
+        "help": "a check of the run's own training logs: at step 1 of every DPO round the policy is its reference, "
+                "so its implicit rewards are 0 (``first_step_violations``); a round trained against another "
+                "reference (round 0's instead of round k-1's) starts away from 0. Nothing recorded, so nothing to "
+                "re-record: a fault it sees cannot be hidden by refreshing a reference file"})
     confidence: float = field(default=0.95, metadata={"help": "two-sided bootstrap CI level"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed (the gate is deterministic for a seed)"})
@@ -217,34 +227,102 @@ def run_gate(run_dir: str | Path, baseline: str | Path, cfg: GateConfig, round_:
     return GateResult(True, f"gate PASS: worse-by {parts}, {pairing} [{where}]", checks)
 
 
-def _within_run_checks(run_dir: str | Path, k: int, cfg: GateConfig) -> list[dict]:
-    """The checks of the run against its own round 0 (``defect_drop``, ``min_probe_accuracy``): what a working
-    round must do, whatever the baseline."""
-    from eval.stats import available, metric_arrays, paired_test
-    from eval.table import load_table
+# At step 1 the policy is its reference: the two log-probs of a sequence are the same computation on the same weights,
+# differing at most by float32 rounding of sums over its tokens (a sequence's summed log-prob is a few hundred nats;
+# rounding of such sums is ~1e-6 of them). FIRST_STEP_REL x (1 + |summed log-probs|) bounds that with room; a wrong
+# reference reads rewards of the size of a round's learning (the CI loop's: ~1 nat x beta).
+FIRST_STEP_REL = 1e-5
+
+
+def first_step_violations(history: list[dict], sft_weight: float | None = None) -> list[str]:
+    """What step 1 of every round must read, whatever else was recorded: the policy is its own reference, so the
+    implicit rewards are 0 and, without an SFT term (``sft_weight`` == 0), the sigmoid DPO loss is ln 2.
+
+    history: per-step logs ``{"step", "round"?, "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+    "logps/chosen", "logps/rejected"}`` (TRL's DPO log; keys a method does not log are not checked). Returns the
+    violations, one line each."""
+    import math
+
+    bad = []
+    for first in (r for r in history if int(r.get("step", 0)) == 1):
+        k = first.get("round", 1)
+        scale = 1 + abs(first.get("logps/chosen", 0.0)) + abs(first.get("logps/rejected", 0.0))
+        tol = FIRST_STEP_REL * scale
+        bad += [f"round {k} step 1 {key} = {first[key]:.3g}, not 0 within {tol:.2g} (the policy is its reference at "
+                "step 1: is the reference another policy?)"
+                for key in ("rewards/chosen", "rewards/rejected", "rewards/margins")
+                if key in first and not abs(first[key]) <= tol]
+        if sft_weight == 0 and "loss" in first and not abs(first["loss"] - math.log(2)) <= tol / 2 + 1e-6:
+            bad.append(f"round {k} step 1 loss = {first['loss']:.6f}, not ln 2 = {math.log(2):.6f} (sigmoid DPO at "
+                       "margin 0)")
+    return bad
+
+
+def defect_counts(run_dir: str | Path, k: int) -> pd.DataFrame:
+    """Round k's pause-defect counts per evaluated row: ``id``, ``sample``, ``k`` (samples with the defect) and
+    ``n`` (samples judged: the row's own and its ``eval.defect_samples`` extra ones), from its rows.jsonl."""
     from models.rundir import RunLayout
 
+    path = RunLayout(run_dir).eval_dir(k) / "rows.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: round {k} has no evaluation rows ({path})")
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if r.get("defect") is None:
+            raise ValueError(f"{path}: row {r.get('id')} carries no defect; evaluate with the pause detector")
+        n = 1 + len(r.get("pauses") or [])
+        events = r["defect"] * n
+        if abs(events - round(events)) > 1e-6:
+            raise ValueError(f"{path}: row {r.get('id')} defect {r['defect']} is not a share of its {n} samples")
+        out.append({"id": r["id"], "sample": int(r.get("sample", 0)), "k": int(round(events)), "n": n})
+    return pd.DataFrame(out)
+
+
+def probe_movement(margins_0: list[float], margins_k: list[float]) -> float:
+    """The median over probes of |margin_k - margin_0| (nats): how far training moved the policy's log-probs on
+    fixed sequences, whichever way. Probes a policy can never say (-inf margins) are left out."""
+    import numpy as np
+
+    a, b = np.asarray(margins_0, dtype=float), np.asarray(margins_k, dtype=float)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"probe_movement: {a.size} round-0 margins against {b.size}; the same probes are needed")
+    d = np.abs(b - a)
+    d = d[np.isfinite(d)]
+    return float(np.median(d)) if d.size else float("nan")
+
+
+def _within_run_checks(run_dir: str | Path, k: int, cfg: GateConfig) -> list[dict]:
+    """The checks of the run against itself (``defect_drop``, ``min_probe_accuracy``, ``min_probe_movement``,
+    ``first_step``): what a working round must do, whatever the baseline."""
+    from eval.stats import stratified_rate_test
+    from models.rundir import RunLayout
+
+    layout = RunLayout(run_dir)
     out = []
     if cfg.defect_drop is not None:
-        table = load_table(run_dir)
-        r0, rk = table[table["round"] == 0], table[table["round"] == k]
-        both = r0[["id", "sample"]].merge(rk[["id", "sample"]], on=["id", "sample"])
-        a = both.merge(r0, on=["id", "sample"], how="left")
-        b = both.merge(rk, on=["id", "sample"], how="left")
-        if k == 0 or both.empty or not (available(a, "defect") and available(b, "defect")):
+        if k == 0:
+            raise ValueError(f"gate.defect_drop: {run_dir} has only round 0 evaluated")
+        r0, rk = defect_counts(run_dir, 0), defect_counts(run_dir, k)
+        both = r0.merge(rk, on=["id", "sample"], suffixes=("_0", "_k"))
+        if both.empty:
             raise ValueError(f"gate.defect_drop: {run_dir} needs round 0 and round {k} evaluated with the pause "
                              "detector on the same utterances")
-        t = paired_test(*metric_arrays(a, "defect"), *metric_arrays(b, "defect"), n_boot=cfg.n_boot,
-                        level=cfg.confidence, seed=cfg.seed)
-        failed = not t.hi < -cfg.defect_drop  # the whole CI below -drop: an unchanged rate (CI 0..0) fails
-        out.append({"metric": "defect_drop", "round0": float(a["defect"].mean()), "final": float(b["defect"].mean()),
-                    "delta": t.delta, "ci_lo": t.lo, "ci_hi": t.hi, "required": cfg.defect_drop, "n": t.n,
+        t = stratified_rate_test(both["k_0"], both["n_0"], both["k_k"], both["n_k"], n_boot=cfg.n_boot,
+                                 level=cfg.confidence, seed=cfg.seed)
+        rate0, ratek = float((both["k_0"] / both["n_0"]).mean()), float((both["k_k"] / both["n_k"]).mean())
+        failed = not t.hi < -cfg.defect_drop  # the whole CI below -drop: an unchanged rate fails
+        out.append({"metric": "defect_drop", "round0": rate0, "final": ratek, "delta": t.delta, "ci_lo": t.lo,
+                    "ci_hi": t.hi, "p": t.p, "required": cfg.defect_drop, "n": t.n, "samples": t.samples,
                     "failed": bool(failed),
-                    "message": f"defect rate {a['defect'].mean():.3f} -> {b['defect'].mean():.3f} (change {t.delta:+.3f}, "
-                               f"{cfg.confidence:.0%} CI {t.lo:+.3f}..{t.hi:+.3f}, n = {t.n}; a drop of at least "
-                               f"{cfg.defect_drop:g} {'not shown' if failed else 'shown'})"})
+                    "message": f"defect rate {rate0:.3f} -> {ratek:.3f} (change {t.delta:+.3f}, {cfg.confidence:.0%} "
+                               f"CI {t.lo:+.3f}..{t.hi:+.3f}, p = {t.p:.2g}, {t.n} texts, {t.samples} samples, texts "
+                               f"held fixed; a drop of at least {cfg.defect_drop:g} "
+                               f"{'not shown' if failed else 'shown'})"})
     if cfg.min_probe_accuracy is not None:
-        summary_path = RunLayout(run_dir).eval_dir(k) / "summary.json"
+        summary_path = layout.eval_dir(k) / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         acc = summary.get("probe_accuracy_pause")
         if acc is None:
@@ -255,4 +333,28 @@ def _within_run_checks(run_dir: str | Path, k: int, cfg: GateConfig) -> list[dic
                     "n": summary.get("probe_n"), "failed": bool(failed),
                     "message": f"pause probes preferred over round 0: {acc:.3f} (at least {cfg.min_probe_accuracy:g} "
                                f"required; margin {summary.get('probe_margin_pause', float('nan')):+.2f})"})
+    if cfg.min_probe_movement is not None:
+        paths = [layout.eval_dir(j) / "probes.json" for j in (0, k)]
+        if k == 0 or not all(p.is_file() for p in paths):
+            raise ValueError(f"gate.min_probe_movement: {run_dir} needs the probe margins of round 0 and round {k} "
+                             "(eval.probes > 0)")
+        m0, mk = (json.loads(p.read_text())["margins"] for p in paths)
+        moved = probe_movement(m0, mk)
+        failed = not moved >= cfg.min_probe_movement
+        out.append({"metric": "probe_movement", "value": moved, "required": cfg.min_probe_movement, "n": len(m0),
+                    "failed": bool(failed),
+                    "message": f"probe margins moved {moved:.1f} nats from round 0 (median over {len(m0)} probes; at "
+                               f"least {cfg.min_probe_movement:g} required)"})
+    if cfg.first_step:
+        history = []
+        for j in range(1, k + 1):
+            path = layout.train_dir(j) / "metrics.json"
+            if path.is_file():
+                history += [dict(h, round=j) for h in json.loads(path.read_text()).get("history", [])]
+        bad = first_step_violations(history)
+        rounds = sorted({h["round"] for h in history if int(h.get("step", 0)) == 1})
+        out.append({"metric": "first_step", "rounds": rounds, "violations": bad, "failed": bool(bad),
+                    "message": (f"training logs: {'; '.join(bad)}" if bad else
+                                f"step 1 of round{'s' if len(rounds) != 1 else ''} {rounds or '-'} at the reference "
+                                "(implicit rewards 0)")})
     return out

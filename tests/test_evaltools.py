@@ -288,8 +288,12 @@ def _planted_regression(run_dir, dest):
                 r["hypothesis"] = h
                 r["wer"] = utterance_wer(r["text"], h)
         write_jsonl(dest / f"round_{k:03d}" / "eval" / "rows.jsonl", rows)
-        # the summary (the probe set's reading, which the gate's own-run checks read) as it was
+        # what the gate's own-run checks read, as it was: the summary and margins of the probe set, the training log
         shutil.copy(run_dir / f"round_{k:03d}" / "eval" / "summary.json", dest / f"round_{k:03d}" / "eval")
+        for rel in ("eval/probes.json", "train/metrics.json"):
+            if (run_dir / f"round_{k:03d}" / rel).is_file():
+                (dest / f"round_{k:03d}" / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(run_dir / f"round_{k:03d}" / rel, dest / f"round_{k:03d}" / rel)
     shutil.copy(run_dir / "config.yaml", dest / "config.yaml")
     return dest
 

@@ -38,10 +38,11 @@ def small():
 
 
 def test_a_fingerprint_of_the_same_code_is_the_same_and_starts_at_the_reference(small):
-    from align.fingerprint import compare_fingerprint, first_step_checks, run_fingerprint
+    from align.fingerprint import compare_fingerprint, run_fingerprint
+    from eval.gate import first_step_violations
 
     cfg, _, pairs, clean = small
-    assert not first_step_checks(clean, cfg.dpo.sft_weight)
+    assert not first_step_violations(clean, cfg.dpo.sft_weight)
     again = run_fingerprint(cfg, cfg.policy.pretrained, pairs)
     floor = {k: {"max": 1e-5 * (1 + max(abs(r[k]) for r in clean)), "mean": 1e-5 * (1 + max(abs(r[k]) for r in clean))}
              for k in clean[0] if k not in ("round", "step")}
@@ -71,3 +72,18 @@ def test_a_planted_fault_moves_the_fingerprint(small, name):
     # the tolerance a recorded reference would carry for runs that agree to the bit: its arithmetic floor alone
     result = compare_fingerprint(rows, {"rows": clean, "tolerance": tolerances([clean])}, cfg.dpo.sft_weight)
     assert not result.passed, f"{name} went unnoticed: {result.message}"
+
+
+def test_a_hotter_sampler_moves_the_sampling_fingerprint():
+    """The temperature fault every other tier missed (benchmarks/results/gate_power.md): the committed round-0 policy
+    drawing at 1.2 instead of the run's decodings moves the mean log-prob of what it drew beyond 4 sd of the recorded
+    seeds, for the pair stage's sampling and the evaluation's alike."""
+    from align.config import load_config
+    from align.fingerprint import compare_sampling, run_sampling
+
+    ref = json.loads(REFERENCE.read_text())
+    base = load_config(CI_CONFIG)
+    hot = load_config(CI_CONFIG, MUTATIONS["temperature_1.2"].overrides(base))
+    bad = compare_sampling(run_sampling(hot, hot.policy.pretrained, ref["pairs"]), ref["sampling"])
+    assert any(b.startswith("sampling sample logp") for b in bad) and any(b.startswith("sampling eval logp")
+                                                                         for b in bad), bad

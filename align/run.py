@@ -102,8 +102,11 @@ class RunDir(RunLayout):
             # adds an option does not strand existing runs.
             saved = _with_defaults(yaml.safe_load(path.read_text()), config_to_dict(RunConfig()), RunConfig)
             # gate.* only judges a finished run against a baseline (it changes nothing the run computes), so a
-            # tolerance chosen after the runs were made (benchmarks/gate_power.py) does not strand them
-            diff = _diff({**saved, "gate": None}, {**current, "gate": None})
+            # tolerance chosen after the runs were made (benchmarks/gate_power.py) does not strand them; out_dir is
+            # how this folder was found, so however it was spelt (relative to another working directory, or
+            # absolute) it named this folder
+            ignored = {"gate": None, "out_dir": None}
+            diff = _diff({**saved, **ignored}, {**current, **ignored})
             if diff:
                 raise ValueError(
                     f"{self.root} holds a run with a different config ({', '.join(diff[:6])}); resume with the same "

@@ -86,7 +86,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, caplog):
     assert "nonsense" in caplog.text
 
 
-def test_resume_accepts_a_config_saved_before_new_options_existed(tmp_path):
+def test_resume_accepts_a_config_saved_before_new_options_existed(tmp_path, monkeypatch):
     """A run started before an option was added resumes (the option takes its default); a real change is refused."""
     import yaml
 
@@ -102,6 +102,9 @@ def test_resume_accepts_a_config_saved_before_new_options_existed(tmp_path):
     RunDir(cfg)  # no error
     # the gate's tolerances judge a finished run and change nothing it computes: they may differ
     RunDir(load_config(None, [f"out_dir={tmp_path}", "name=old", "gate.wer_tolerance=0.3"]))
+    # the folder is found through out_dir: another spelling of it (relative to the working directory) is the same run
+    monkeypatch.chdir(tmp_path.parent)
+    RunDir(load_config(None, [f"out_dir={tmp_path.name}", "name=old"]))
     with pytest.raises(ValueError, match="different config"):
         RunDir(load_config(None, [f"out_dir={tmp_path}", "name=old", "dpo.beta=0.3"]))
 

@@ -34,7 +34,7 @@ CORPUS_DEFECTS = ("none", "pause")
 # Registries' names, checked against the registries themselves in tests/test_config.py.
 BaseStageName = Literal["sft", "speechgpt", "speechgpt_gen"]
 PairStrategyName = Literal["golden_vs_synthetic", "ranked_samples", "human", "mixed"]
-PairScorerName = Literal["wer", "sim", "dnsmos", "pause"]
+PairScorerName = Literal["wer", "sim", "dnsmos", "pause", "per", "ear_nll"]
 MethodName = Literal["dpo", "sft_control", "reward_bon", "grpo", "coh"]
 
 

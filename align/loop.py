@@ -120,7 +120,7 @@ def round_row(run: RunDir, k: int) -> dict | None:
            "defect_rate": summary.get("defect_rate"), "defect_n": summary.get("defect_n")}
     for key in ("dnsmos", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "utmos", "gap_auc", "gap_logp_margin",
                 "gap_logp_golden", "gap_logp_synthetic", "probe_accuracy", "probe_margin", "probe_accuracy_pause",
-                "probe_margin_pause", "probe_n"):
+                "probe_margin_pause", "probe_n", "per", "ear_nll"):
         if key in summary:  # optional: quality where scored, the gap where eval.gap_utterances > 0
             row[key] = summary[key]
     if summary.get("extra"):  # eval.extra_sets: {set name: {wer, sim, dnsmos, utmos, n}} per round

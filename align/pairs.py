@@ -142,8 +142,33 @@ def _pause_scorer(ctx: "Context"):
     return score
 
 
+def _ear_scorer(key: str):
+    """The second ear (``eval.ear``, eval/ear.py) as a judge: ``per`` (phone error rate) or ``ear_nll`` (CTC NLL of
+    the text's phones per phone) of each sample, lower is better (weight it negatively). It reads the renderer's
+    log-mel where the policy gives one (no Griffin-Lim: the judge's cost is the renderer), else the audio."""
+
+    def factory(ctx: "Context"):
+        if not ctx.cfg.eval.ear:
+            raise ValueError(f"pair scorer {key!r} needs a second ear: set eval.ear to a saved ear "
+                             "(scripts/train_ear.py)")
+
+        def score(batch: SampleBatch) -> list[float]:
+            from eval.ear import score_logmel
+
+            ear = ctx.scorers.ear
+            mels = batch.logmels
+            texts = [r["text"] for r in batch.rows]
+            if mels is None or any(m.shape[-1] != ear.cfg.n_mels for m in mels):
+                return [v[key] for v in ctx.scorers.phones(batch.wavs, batch.sample_rate, texts)]
+            return [getattr(sc, "nll" if key == "ear_nll" else "per") for sc in score_logmel(ear, mels, texts)]
+
+        return score
+
+    return factory
+
+
 SCORERS: dict[str, Callable] = {"wer": _wer_scorer, "sim": _sim_scorer, "dnsmos": _dnsmos_scorer,
-                                "pause": _pause_scorer}
+                                "pause": _pause_scorer, "per": _ear_scorer("per"), "ear_nll": _ear_scorer("ear_nll")}
 
 
 JUDGE_BATCH = 64  # samples rendered and scored together: the unit of sharing across ranks and of resuming

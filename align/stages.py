@@ -212,7 +212,7 @@ def eval_store(ctx: "Context", policy_dir: Path, items: list) -> BatchStore:
     """``Context.store`` of an evaluation: the items (texts, reference recordings' bytes, prompt codes), the ``eval:``
     section, the seed, the data's length cap (and, through ``Context.store``, the policy's files and the code)."""
     from align.config import config_to_dict
-    from models.digest import file_key
+    from models.digest import dir_digest, file_key
 
     # save_audio is not part of the key: a hit renders the clips it lacks from the stored codes (evaluate_policy);
     # the gap analysis, extra sets and probes are computed outside the stored batches
@@ -223,7 +223,9 @@ def eval_store(ctx: "Context", policy_dir: Path, items: list) -> BatchStore:
         "eval": ecfg, "seed": ctx.cfg.seed, "max_seconds": ctx.cfg.data.max_seconds,
         # the reference recording's bytes (SIM is scored against it) and the prompt codes the policy hears
         "items": [(it.id, it.text, it.audio, file_key(it.audio), it.prompt_id) for it in items],
-        "prompt_codes": prompts.hexdigest()})
+        "prompt_codes": prompts.hexdigest(),
+        # the second ear's files: an ear retrained under the same path hears otherwise
+        "ear": dir_digest(ctx.cfg.eval.ear) if ctx.cfg.eval.ear else None})
 
 
 def gap_items(ctx: "Context") -> list[tuple]:

@@ -76,9 +76,11 @@ class StudyConfig:
         if self.choose_on != "dev":
             raise ValueError(f"choose_on={self.choose_on!r}: settings are chosen on dev (the test split is read once, "
                              "with --final test)")
-        bad = [m for m in self.metrics if m not in ("wer", "sim", "dnsmos", "defect")]
+        from eval.stats import METRICS
+
+        bad = [m for m in self.metrics if m not in METRICS]
         if bad:
-            raise ValueError(f"study metrics {bad} unknown; choose from wer, sim, dnsmos, defect")
+            raise ValueError(f"study metrics {bad} unknown; choose from {', '.join(METRICS)}")
         for name, overrides in self.variants.items():
             if not name or "/" in name or " " in name:
                 raise ValueError(f"variant name {name!r} must be a non-empty word (it names run directories)")

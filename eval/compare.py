@@ -28,7 +28,7 @@ log = logging.getLogger("speechalign.eval")
 COLUMNS = ["run", "round", "method", "wer", "sim", "reward_accuracy", "reward_margin", "dpo_loss", "pairs",
            "mean_token_distance", "grpo_reward", "n_eval", "empty_outputs"]
 OPTIONAL = ["dnsmos", "utmos", "gap_auc", "gap_logp_margin"]
-STAT_METRICS = ["wer", "sim", "dnsmos", "defect"]
+STAT_METRICS = ["wer", "sim", "dnsmos", "defect", "per", "ear_nll"]  # each where the rows carry it
 
 
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:

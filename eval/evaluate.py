@@ -85,7 +85,7 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
     if batches is None:
         batches = batch_slices(len(items), batch_size)
     quality_model = scorers.quality if quality else None
-    seconds = dict.fromkeys(("generate", "render", "asr", "sim", "quality", "defect"), 0.0)
+    seconds = dict.fromkeys(("generate", "render", "asr", "ear", "sim", "quality", "defect"), 0.0)
     defect = defect or DefectConfig()
     rows: list[dict] = []
     cached = 0  # batches read from the store (tests assert a stage computed what it is compared on)
@@ -118,6 +118,9 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
         wers, hyps = scorers.wer(wavs, codec.sample_rate, [it.text for it in part])
         seconds["asr"] += time.time() - t0
         t0 = time.time()
+        heard = scorers.phones(wavs, codec.sample_rate, [it.text for it in part])  # the second ear ({} without one)
+        seconds["ear"] += time.time() - t0
+        t0 = time.time()
         refs = [load_audio(it.audio, scorers.speaker.sample_rate, max_seconds) for it in part]
         sims = scorers.sim(wavs, codec.sample_rate, refs)
         seconds["sim"] += time.time() - t0
@@ -130,9 +133,9 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
                               seed=seed + 104_729 + start)
         seconds["defect"] += time.time() - t0
         part_rows = []
-        for i, it, s, w, h, wer, sim, q, p, more in zip(range(start, stop), part, samples, wavs, hyps, wers, sims,
-                                                         scores, pauses, extra):
-            row = {"id": it.id, "text": it.text, "speaker": it.speaker, "hypothesis": h, "wer": wer,
+        for i, it, s, w, h, wer, sim, q, p, more, ph in zip(range(start, stop), part, samples, wavs, hyps, wers, sims,
+                                                             scores, pauses, extra, heard):
+            row = {"id": it.id, "text": it.text, "speaker": it.speaker, "hypothesis": h, "wer": wer, **ph,
                    "sim": float(sim), "duration": len(w) / codec.sample_rate,
                    "n_frames": int(policy.format.frames(s[0]).numel()),
                    "codes": s[0].tolist(), "prompt_id": it.prompt_id, **{k: float(v) for k, v in q.items()},
@@ -171,6 +174,9 @@ def evaluate_policy(policy, items: list[EvalItem], *, scorers: "Scorers", temper
         "empty_outputs": sum(1 for r in rows if r["n_frames"] == 0),
         "mean_duration": float(np.mean([r["duration"] for r in rows])),
         "defect_rate": float(np.mean([r["defect"] for r in rows])),
+        # the second ear (eval.ear): corpus PER (phone errors over reference phones) and the mean NLL per phone
+        **({"per": float(sum(r["phone_errors"] for r in rows) / max(1.0, sum(r["ref_phones"] for r in rows))),
+            "ear_nll": float(np.mean([r["ear_nll"] for r in rows]))} if rows and "per" in rows[0] else {}),
         "defect_n": sum(1 + len(r["pauses"]) for r in rows),
         "seconds": {key: round(v, 2) for key, v in seconds.items()},
         "cached_batches": cached,  # over every process

@@ -27,7 +27,7 @@ import pandas as pd
 log = logging.getLogger("speechalign.eval")
 
 # Which way is better, per gated metric: +1 = higher is better, -1 = lower is better.
-GATE_DIRECTIONS = {"wer": -1, "sim": +1, "dnsmos": +1, "defect": -1}
+GATE_DIRECTIONS = {"wer": -1, "sim": +1, "dnsmos": +1, "defect": -1, "per": -1, "ear_nll": -1}
 
 
 @dataclass
@@ -44,6 +44,10 @@ class GateConfig:
         "help": "corpus-WER increase (absolute, 0.05 = 5 points) allowed beyond the CI"})
     sim_tolerance: float = field(default=0.02, metadata={"help": "mean speaker-SIM decrease allowed beyond the CI"})
     dnsmos_tolerance: float = field(default=0.1, metadata={"help": "mean DNSMOS decrease allowed beyond the CI"})
+    per_tolerance: float = field(default=0.02, metadata={
+        "help": "corpus phone-error-rate increase of the second ear (eval.ear) allowed beyond the CI"})
+    ear_nll_tolerance: float = field(default=0.1, metadata={
+        "help": "increase of the second ear's mean NLL per phone (nats) allowed beyond the CI"})
     defect_tolerance: float = field(default=0.0, metadata={
         "help": "increase of the pause-defect rate (share of samples, eval/defects.py) allowed beyond the CI"})
     defect_drop: float | None = field(default=None, metadata={
@@ -71,7 +75,8 @@ class GateConfig:
         unknown = sorted(set(self.metrics) - set(GATE_DIRECTIONS))
         if unknown or not self.metrics:
             raise ValueError(f"gate.metrics={self.metrics}: choose a non-empty subset of {sorted(GATE_DIRECTIONS)}")
-        if min(self.wer_tolerance, self.sim_tolerance, self.dnsmos_tolerance, self.defect_tolerance) < 0:
+        if min(self.wer_tolerance, self.sim_tolerance, self.dnsmos_tolerance, self.defect_tolerance,
+               self.per_tolerance, self.ear_nll_tolerance) < 0:
             raise ValueError("gate tolerances must be >= 0 (0 = any significant regression fails)")
         if not 0.5 <= self.confidence < 1:
             raise ValueError(f"gate.confidence={self.confidence} must be in [0.5, 1), e.g. 0.95")
@@ -107,7 +112,8 @@ def write_baseline(run_dir: str | Path | list, out: str | Path, round_: int | No
     finals = [final_round(d, round_) for d in dirs]
     k = finals[0][0]
     keep = ["id", "sample", "text", "hypothesis", "wer", "sim", "dnsmos", "pause", "defect", "duration", "ref_words",
-            "errors"]
+            "errors", "per", "phone_errors", "ref_phones", "ear_nll"]
+    keep = [c for c in keep if all(c in f[1].columns for f in finals)]  # the second ear's columns where it listened
     if len(finals) == 1:
         rows = finals[0][1][keep]
     else:
@@ -115,9 +121,11 @@ def write_baseline(run_dir: str | Path | list, out: str | Path, round_: int | No
         if any(x != ids[0] for x in ids[1:]):
             raise ValueError("the baseline's runs were not evaluated on the same utterances; use runs of one config")
         both = pd.concat([f[1][keep] for f in finals], ignore_index=True)
-        mean_cols = ["wer", "sim", "dnsmos", "pause", "defect", "duration", "errors"]
+        mean_cols = [c for c in ("wer", "sim", "dnsmos", "pause", "defect", "duration", "errors", "per", "phone_errors",
+                                 "ear_nll") if c in keep]
         rows = (both.groupby(["id", "sample"], sort=False)
-                .agg({**{c: "mean" for c in mean_cols}, "text": "first", "hypothesis": "first", "ref_words": "first"})
+                .agg({**{c: "mean" for c in mean_cols}, "text": "first", "hypothesis": "first", "ref_words": "first",
+                      **({"ref_phones": "first"} if "ref_phones" in keep else {})})
                 .reset_index()[keep])
         rows["hypothesis"] = ""  # a mean of several runs has no one transcript
     means = {}

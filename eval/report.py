@@ -202,6 +202,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_li
                 continue
             r = r.iloc[0]
             dn = f" DNSMOS {r['dnsmos']:.2f}" if pd.notna(r["dnsmos"]) else ""
+            dn += f" PER {r['per']:.2f}" if "per" in r and pd.notna(r["per"]) else ""
             cells.append(f"<td>{_audio(saved[uid].get(k), f'round {k}')}<br><span class=\"small\">"
                          f"&ldquo;{_e(r['hypothesis'])}&rdquo;<br>WER {r['wer']:.2f} SIM {r['sim']:.2f}{dn}</span></td>")
         listen_rows.append("<tr>" + "".join(cells) + "</tr>")
@@ -213,11 +214,11 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_li
     steps.update()
 
     per_round = []
-    cols = ["item", "id", "text", "hypothesis", "wer", "sim", "dnsmos", "pause", "duration", "n_frames", "sample"]
+    cols = ["item", "id", "text", "hypothesis", "wer", "per", "ear_nll", "sim", "dnsmos", "pause", "duration",
+            "n_frames", "sample"]
     for k in rounds:
         g = utts[utts["round"] == k]
-        if g["dnsmos"].isna().all():
-            g = g.drop(columns=["dnsmos"])
+        g = g.drop(columns=[c for c in ("dnsmos", "per", "ear_nll") if c in g and g[c].isna().all()])
         per_round.append(f"<details{' open' if k == rounds[-1] else ''}><summary>Round {k}: {len(g)} utterances"
                          f"</summary>{table_html(g, f'utterances-r{k}', [c for c in cols if c in g])}</details>")
 

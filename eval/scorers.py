@@ -55,6 +55,10 @@ class EvalConfig:
     prompt_min_seconds: float = field(default=3.0, metadata={
         "help": "voice prompt: another utterance of the target speaker at least this long (else the longest); "
                 "the policy keeps policy.prompt_seconds of it. 0 = any length"})
+    ear: str | None = field(default=None, metadata={
+        "help": "a second ear beside the ASR: a saved CTC phone ear (eval/ear.py, scripts/train_ear.py) that scores "
+                "every evaluated clip's phone error rate (per) and the CTC NLL of its text's phones (ear_nll); "
+                "null = the ASR alone. WER stays the headline; the ear is read beside it"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature at evaluation; 0 = greedy"})
     top_k: int = field(default=50, metadata={"help": "top-k at evaluation"})
     top_p: float = field(default=1.0, metadata={"help": "top-p at evaluation"})
@@ -148,6 +152,31 @@ class Scorers:
         from eval.quality import build_quality
 
         return build_quality("dnsmos_p808")
+
+    @cached_property
+    def ear(self):
+        """The second ear (eval/ear.py) of ``eval.ear``, or None."""
+        if not self.ecfg.ear:
+            return None
+        from eval.ear import Ear
+
+        return Ear.load(self.ecfg.ear)
+
+    def phones(self, wavs: list[np.ndarray], sample_rate: int, texts: list[str]) -> list[dict[str, float]]:
+        """The second ear's verdict per wav (float32 [n] at ``sample_rate``; empty = silence: every phone missed):
+        ``per``, ``phone_errors``, ``ref_phones`` and ``ear_nll`` (nats per reference phone); ``{}`` each without
+        ``eval.ear``."""
+        if self.ear is None:
+            return [{} for _ in wavs]
+        import torch
+
+        from eval.ear import score_logmel
+
+        ear = self.ear
+        mels = [ear.features(w, ear.cfg.sample_rate) if len(w) else torch.zeros(0, ear.cfg.n_mels)
+                for w in resample_all(wavs, sample_rate, ear.cfg.sample_rate)]
+        return [{"per": s.per, "phone_errors": s.per * len(s.ref), "ref_phones": float(len(s.ref)),
+                 "ear_nll": s.nll} for s in score_logmel(ear, mels, texts)]
 
     def wer(self, wavs: list[np.ndarray], sample_rate: int, texts: list[str]) -> tuple[list[float], list[str]]:
         """Per-utterance WER of ``wavs`` (float32 [n] each at ``sample_rate``; empty = silence) and the

@@ -42,7 +42,9 @@ log = logging.getLogger("speechalign.eval")
 # metric -> (numerator column, denominator column or None for a plain mean, +1 higher is better / -1 lower)
 METRICS = {"wer": ("errors", "ref_words", -1), "sim": ("sim", None, +1), "dnsmos": ("dnsmos", None, +1),
            # the share of an utterance's samples with the pause defect (eval/defects.py; eval.defect_samples extra)
-           "defect": ("defect", None, -1)}
+           "defect": ("defect", None, -1),
+           # the second ear (eval.ear): corpus PER over phone errors and reference phones, the mean CTC NLL per phone
+           "per": ("phone_errors", "ref_phones", -1), "ear_nll": ("ear_nll", None, -1)}
 
 
 def metric_arrays(df: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,8 @@ from models.io import atomic_write_text
 log = logging.getLogger("speechalign.eval")
 
 TABLE_COLUMNS = ["run", "round", "item", "id", "sample", "speaker", "text", "hypothesis", "wer", "sim", "dnsmos",
-                 "duration", "n_frames", "ref_words", "errors", "pause", "defect", "audio", "prompt_audio"]
+                 "duration", "n_frames", "ref_words", "errors", "pause", "defect", "per", "phone_errors", "ref_phones",
+                 "ear_nll", "audio", "prompt_audio"]
 _ROUND_RE = re.compile(r"round_(\d+)$")
 
 
@@ -66,9 +67,11 @@ def rows_frame(rows: list[dict], run: str = "", round_: int | None = None) -> pd
         df["round"] = 0
     if "item" not in df.columns:
         df["item"] = df.groupby("round").cumcount()
-    # pause / defect: the pause detector's (eval/defects.py); NaN in rows evaluated before it existed
+    # pause / defect: the pause detector's (eval/defects.py); per ... ear_nll: the second ear's (eval.ear); NaN in
+    # rows evaluated without them
     for key, default in (("sample", 0), ("speaker", ""), ("hypothesis", ""), ("dnsmos", np.nan), ("pause", np.nan),
-                         ("defect", np.nan),
+                         ("defect", np.nan), ("per", np.nan), ("phone_errors", np.nan), ("ref_phones", np.nan),
+                         ("ear_nll", np.nan),
                          ("duration", np.nan), ("n_frames", np.nan), ("audio", None), ("prompt_audio", None)):
         if key not in df.columns:
             df[key] = default
@@ -76,7 +79,7 @@ def rows_frame(rows: list[dict], run: str = "", round_: int | None = None) -> pd
     df["ref_words"] = [len(normalize_text(t).split()) for t in df["text"]]
     # Per-utterance WER x reference words = that utterance's edit errors (an integer up to float noise).
     df["errors"] = np.round(df["wer"].astype(float) * df["ref_words"]).astype(int)
-    for key in ("dnsmos", "pause", "defect"):
+    for key in ("dnsmos", "pause", "defect", "per", "phone_errors", "ref_phones", "ear_nll"):
         df[key] = pd.to_numeric(df[key], errors="coerce")
     return df[TABLE_COLUMNS].sort_values(["round", "item", "sample"]).reset_index(drop=True)
 

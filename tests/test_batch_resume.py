@@ -109,6 +109,9 @@ def test_evaluate_resumes_at_its_first_unfinished_batch_with_the_same_rows(tmp_p
         def quality_scores(self, wavs, sr):
             return [{} for _ in wavs]
 
+        def phones(self, wavs, sr, texts):
+            return [{} for _ in wavs]
+
     kw = dict(temperature=1.0, top_k=0, top_p=1.0, seed=3, batch_size=2, save_audio_dir=tmp_path / "audio", save_n=2)
     want, want_rows = evaluate_policy(policy, items, scorers=Scorers(None), **kw)
     store = BatchStore(tmp_path / "store")

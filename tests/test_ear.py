@@ -132,3 +132,68 @@ def test_real_speech_scores_finite_and_hears_damage(real_speech_dir):
     reversed_ = score_audio(ear, [w[::-1].copy() for w in wavs], 16000, texts)
     assert all(np.isfinite([s.per, s.nll]).all() for s in clean + reversed_)
     assert all(r.nll > c.nll for c, r in zip(clean, reversed_)), ([c.nll for c in clean], [r.nll for r in reversed_])
+
+
+def test_an_evaluation_reads_both_ears_and_the_tables_and_gate_read_the_second(tmp_path):
+    """eval.ear set: every evaluated clip carries the second ear's PER, phone counts and NLL beside pocketsphinx's
+    WER, the summary its corpus PER, and the study statistics and the gate read ``per`` like any metric."""
+    from types import SimpleNamespace
+
+    import soundfile as sf
+
+    from eval.evaluate import EvalItem, evaluate_policy
+    from eval.gate import GateConfig, run_gate, write_baseline
+    from eval.scorers import EvalConfig, Scorers
+    from eval.stats import metric_arrays
+    from eval.table import rows_frame
+    from models.io import write_jsonl
+
+    from .fakes import tiny_policy
+
+    _toy(n_mels=64).save(tmp_path / "ear")
+    ear = Scorers(EvalConfig(ear=str(tmp_path / "ear")), "cpu")
+    ref = tmp_path / "ref.wav"
+    sf.write(ref, np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1, 16000)
+    items = [EvalItem(f"u{i}", "a cat", "s0", str(ref), str(ref), prompt_codes=torch.tensor([[1, 2, 3, 4]]))
+             for i in range(3)]
+    scorers = SimpleNamespace(quality=None, wer=lambda w, sr, t: ([0.5] * len(w), ["a"] * len(w)),
+                              sim=lambda w, sr, r: [0.5] * len(w), speaker=SimpleNamespace(sample_rate=16000),
+                              phones=ear.phones)
+    summary, rows = evaluate_policy(tiny_policy(), items, scorers=scorers, temperature=1.0, top_k=0, top_p=1.0,
+                                    seed=0, batch_size=2, quality=False)
+    n_ref = len(reference_units("a cat"))
+    assert all(r["ref_phones"] == n_ref and 0 <= r["per"] and np.isfinite(r["ear_nll"]) for r in rows)
+    assert summary["per"] == pytest.approx(sum(r["phone_errors"] for r in rows) / (3 * n_ref))
+    table = rows_frame([dict(r, round=1) for r in rows])
+    num, den = metric_arrays(table, "per")
+    assert num.sum() / den.sum() == pytest.approx(summary["per"])
+    # the gate on the second ear: the same rows pass against themselves
+    run = tmp_path / "run"
+    write_jsonl(run / "round_001" / "eval" / "rows.jsonl", [dict(r, sample=0) for r in rows])
+    write_baseline(run, tmp_path / "base.json")
+    result = run_gate(run, tmp_path / "base.json", GateConfig(metrics=["wer", "per", "ear_nll"], n_boot=200,
+                                                              first_step=False))
+    assert result.passed and "per +0.0000" in result.message, result.message
+
+
+def test_the_ear_judges_pairs_from_the_rendered_log_mel_or_the_audio(tmp_path):
+    """Pair scorers ``per`` / ``ear_nll``: the ear's own verdict on the renderer's log-mel where there is one, on the
+    audio where not; without ``eval.ear`` the scorer refuses with the fix."""
+    from types import SimpleNamespace
+
+    from align.pairs import SCORERS
+    from eval.scorers import EvalConfig, Scorers
+
+    _toy(n_mels=N_MELS).save(tmp_path / "ear")
+    scorers = Scorers(EvalConfig(ear=str(tmp_path / "ear")), "cpu")
+    ctx = SimpleNamespace(cfg=SimpleNamespace(eval=SimpleNamespace(ear=str(tmp_path / "ear"))), scorers=scorers)
+    items = _synthetic(["the cat sat", "a dog"])
+    batch = SimpleNamespace(logmels=[m for m, _ in items], rows=[{"text": t} for _, t in items], wavs=None)
+    direct = score_logmel(scorers.ear, [m for m, _ in items], [t for _, t in items])
+    assert SCORERS["per"](ctx)(batch) == [s.per for s in direct]
+    assert SCORERS["ear_nll"](ctx)(batch) == [s.nll for s in direct]
+    wavs = [np.random.default_rng(i).standard_normal(6000).astype(np.float32) * 0.1 for i in range(2)]
+    audio = SimpleNamespace(logmels=None, rows=batch.rows, wavs=wavs, sample_rate=16000)
+    assert SCORERS["per"](ctx)(audio) == [v["per"] for v in scorers.phones(wavs, 16000, ["the cat sat", "a dog"])]
+    with pytest.raises(ValueError, match="eval.ear"):
+        SCORERS["per"](SimpleNamespace(cfg=SimpleNamespace(eval=SimpleNamespace(ear=None))))

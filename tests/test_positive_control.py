@@ -138,7 +138,8 @@ def test_evaluation_measures_the_defect_on_extra_samples(tmp_path):
     items = [EvalItem(f"u{i}", "a cat", "s0", str(ref), str(ref), prompt_codes=torch.tensor([[1, 2, 3, 4]]))
              for i in range(3)]
     scorers = SimpleNamespace(quality=None, wer=lambda w, sr, t: ([0.0] * len(w), ["x"] * len(w)),
-                              sim=lambda w, sr, r: [0.5] * len(w), speaker=SimpleNamespace(sample_rate=16000))
+                              sim=lambda w, sr, r: [0.5] * len(w), speaker=SimpleNamespace(sample_rate=16000),
+                              phones=lambda w, sr, t: [{} for _ in w])
     summary, rows = evaluate_policy(policy, items, scorers=scorers, temperature=1.0, top_k=0, top_p=1.0, seed=0,
                                     batch_size=2, quality=False, defect_samples=3)
     assert summary["defect_n"] == 3 * 4 and all(len(r["pauses"]) == 3 for r in rows)

@@ -155,7 +155,7 @@ def _stub_scorers():
         return [0.0] * len(wavs), ["x"] * len(wavs)
 
     return SimpleNamespace(quality=None, wer=wer, sim=lambda wavs, sr, refs: [0.5] * len(wavs),
-                           speaker=SimpleNamespace(sample_rate=16000))
+                           speaker=SimpleNamespace(sample_rate=16000), phones=lambda wavs, sr, t: [{} for _ in wavs])
 
 
 def test_an_evaluation_read_from_the_cache_saves_the_clips_asked_for(tmp_path):

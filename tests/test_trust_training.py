@@ -258,6 +258,9 @@ class _StubScorers:
     def sim(self, wavs, sample_rate, refs):
         return [0.5] * len(wavs)
 
+    def phones(self, wavs, sample_rate, texts):
+        return [{} for _ in wavs]
+
 
 def test_eval_save_audio_keeps_every_scored_clip(tmp_path, real_speech_dir, monkeypatch):
     from align.cli import main

@@ -269,16 +269,14 @@ def first_step_violations(history: list[dict], sft_weight: float | None = None) 
 def defect_counts(run_dir: str | Path, k: int) -> pd.DataFrame:
     """Round k's pause-defect counts per evaluated row: ``id``, ``sample``, ``k`` (samples with the defect) and
     ``n`` (samples judged: the row's own and its ``eval.defect_samples`` extra ones), from its rows.jsonl."""
+    from models.io import read_jsonl
     from models.rundir import RunLayout
 
     path = RunLayout(run_dir).eval_dir(k) / "rows.jsonl"
     if not path.is_file():
         raise ValueError(f"{run_dir}: round {k} has no evaluation rows ({path})")
     out = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    for r in read_jsonl(path):
         if r.get("defect") is None:
             raise ValueError(f"{path}: row {r.get('id')} carries no defect; evaluate with the pause detector")
         n = 1 + len(r.get("pauses") or [])

@@ -181,7 +181,7 @@ def cmd_gate(args) -> int:
     from pathlib import Path
 
     from eval.gate import GateConfig
-    from align.configutil import apply_overrides, from_dict, load_yaml
+    from models.configutil import apply_overrides, from_dict, load_yaml
     from eval.gate import run_gate, write_baseline
 
     if args.write_baseline:

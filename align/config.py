@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
-from align.configutil import apply_overrides, check_choice, from_dict, load_yaml, to_dict
+from models.configutil import apply_overrides, check_choice, from_dict, load_yaml, to_dict
 from eval.gate import GateConfig
 from eval.scorers import EvalConfig
 from models.codec import CodecConfig

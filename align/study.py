@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from align.configutil import from_dict, load_yaml
+from models.configutil import from_dict, load_yaml
 
 log = logging.getLogger("speechalign.study")
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.configutil import from_dict
 from models.layout import TEXT_UNITS, edit_distance, text_units
 
 log = logging.getLogger("speechalign.ear")
@@ -51,17 +52,6 @@ _CLASS = {u: i + 1 for i, u in enumerate(TEXT_UNITS)}
 
 class EarInputError(ValueError):
     """Audio or log-mel the ear cannot judge; the message says the fix."""
-
-
-def _from_dict(cls, data: dict | None, what: str):
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys (as align.configutil.from_dict, which eval/ cannot
-    import)."""
-    data = dict(data or {})
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} key(s) {unknown}; known keys: {sorted(known)}")
-    return cls(**data)
 
 
 @dataclass
@@ -112,7 +102,7 @@ class EarConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "EarConfig":
-        return _from_dict(cls, data, "ear")
+        return from_dict(cls, data, "ear.")
 
 
 @dataclass
@@ -146,7 +136,7 @@ class EarTrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "EarTrainConfig":
-        return _from_dict(cls, data, "ear_train")
+        return from_dict(cls, data, "ear_train.")
 
 
 @dataclass

@@ -97,6 +97,6 @@ def test_config_schema_imports_no_stage_or_trainer():
     import sys
 
     code = ("import sys, align.config; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('trl', 'align') and m not in ('align', 'align.config', 'align.configutil')))")
+            "('trl', 'align') and m not in ('align', 'align.config')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -272,7 +272,7 @@ def test_method_config_validation_and_old_configs_resume(tmp_path):
     # a run directory written before train:/new pair: keys existed resumes with the same config
     import yaml
 
-    from align.configutil import to_dict
+    from models.configutil import to_dict
     from align.run import RunDir
 
     cfg = load_config(None, [f"out_dir={tmp_path}", "name=old"])

@@ -289,7 +289,11 @@ class Policy:
             torch.manual_seed(seed + start)
             from transformers import LogitsProcessorList
 
-            out = lm.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+            from models.kv_cache import GrowingCache
+
+            # GrowingCache: models/kv_cache.py (the default cache's per-step concatenation was most of the time)
+            out = lm.generate(**enc, cache=GrowingCache(), do_sample=temperature > 0,
+                              temperature=temperature if temperature > 0 else None,
                               top_k=top_k if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
                               max_new_tokens=max_new, num_return_sequences=n,
                               logits_processor=LogitsProcessorList([processor]),

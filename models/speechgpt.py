@@ -537,7 +537,10 @@ def chat(policy, *, text: str | None = None, wav: np.ndarray | None = None, inst
     device = next(lm.parameters()).device
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     torch.manual_seed(seed)
-    out = lm.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+    from models.kv_cache import GrowingCache
+
+    out = lm.generate(**enc, cache=GrowingCache(), do_sample=temperature > 0,
+                      temperature=temperature if temperature > 0 else None,
                       top_p=top_p if temperature > 0 else None, top_k=top_k if temperature > 0 else None,
                       max_new_tokens=max_new_tokens, eos_token_id=tok.convert_tokens_to_ids(EOA),
                       pad_token_id=tok.pad_token_id)

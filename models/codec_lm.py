@@ -237,6 +237,12 @@ class Policy:
                             batch_size=batch_size, seed=seed, progress=progress, max_frames=max_frames)
 
     @property
+    def renderer_room(self) -> int:
+        """The longest stream (in tokens, frames and unit markers) the phone renderer renders after the voice
+        prompt: its positions less the prompt's frames."""
+        return int(self.renderer.cfg.max_frames) - prompt_frames(self.meta["prompt_seconds"], self.codec.frame_rate)
+
+    @property
     def max_text_tokens(self) -> int:
         """Longest text (in text tokens) the LM's positions leave room for, beside the longest prompt and the
         longest speech it may generate; longer texts are refused before any model work (a 5,000-word text
@@ -285,6 +291,10 @@ class Policy:
             max_new = int(min(max_frames, 2.5 * max(self.expected_frames(t) for t in batch_texts) + 10))
             if rule.walk:  # the walk through the units bounds the length itself
                 max_new = max(len(fmt.units(t)) for t in batch_texts) * (rule.max_frames + 1) + 1
+            if self.renderer is not None:  # and never beyond what the renderer renders beside the prompt: a policy
+                # that dwells on every unit as long as the training data ever did (90 frames) would otherwise draw a
+                # sample that no stage can render (seen: a learning rate x 10 stopped a run at 2132 frames)
+                max_new = min(max_new, self.renderer_room)
             processor = RuleProcessor(rule)
             torch.manual_seed(seed + start)
             from transformers import LogitsProcessorList

@@ -138,3 +138,27 @@ def test_trl_dpo_scores_policy_and_reference_under_the_rule(tmp_path):
     assert trainer.train_dataset["ref_chosen_logps"][0] == pytest.approx(want["chosen"], abs=1e-3)  # batch padding: float sums
     assert trainer.train_dataset["ref_rejected_logps"][0] == pytest.approx(want["rejected"], abs=1e-3)
     trainer.train()  # and the policy's own forward in a step goes through the rule head without error
+
+
+
+def test_the_sampler_never_draws_a_stream_its_renderer_cannot_render():
+    """The CI policy may dwell 90 frames on a unit, so the walk alone allows streams longer than the renderer's
+    positions; a ruined policy drew one (a learning rate x 10 stopped a run at 2132 frames). The sampler's bound is
+    the renderer's room after the prompt: with the room shrunk to 40 tokens a hot sampler's every stream fits it and
+    renders."""
+    from pathlib import Path
+
+    policy = Policy.load(Path(__file__).resolve().parents[1] / "configs" / "ci_round0")
+    prompt = torch.randint(0, policy.codec.codebook_size, (policy.codec.n_q, 80),
+                           generator=torch.Generator().manual_seed(0))
+    text = "a sentence long enough that its walk alone would allow hundreds of frames"
+    assert len(policy.format.units(text)) * (policy.emit_rule.max_frames + 1) > 400
+    prompt_n = policy.renderer.cfg.max_frames - policy.renderer_room
+    policy.renderer.cfg.max_frames = prompt_n + 40
+    assert policy.renderer_room == 40
+    streams = policy.generate([text] * 4, [prompt] * 4, n=2, temperature=1.5, top_k=0, batch_size=4, seed=1)
+    lengths = [len(s) for samples in streams for s in samples]
+    assert max(lengths) == 40  # hot sampling runs into the bound, and no further
+    for samples in streams:
+        for s in samples:
+            policy.render(s, prompt)  # no "exceeds renderer max_frames"

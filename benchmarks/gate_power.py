@@ -1,6 +1,6 @@
 """What the CI loop's tiers catch: clean seeds (false alarms) against planted faults (tests/mutations.py).
 
-    python benchmarks/gate_power.py [--clean-seeds 3 ... 12] [--unseen-seeds 8 ... 12] [--baseline-seeds 0 1 2]
+    python benchmarks/gate_power.py [--clean-seeds 13 ... 17] [--unseen-seeds 13 ... 17] [--baseline-seeds 0 1 2]
                                     [--mutations ...] [--root runs/gate_power] [--write-baseline]
 
 The CI loop (configs/ci.yaml: the positive control at CI size, its round-0 policy pausing in some of its samples)
@@ -80,8 +80,8 @@ def stage_seconds(run_dir: Path) -> float:
 
 def main() -> None:
     p = arg_parser(__doc__)
-    p.add_argument("--clean-seeds", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
-    p.add_argument("--unseen-seeds", type=int, nargs="+", default=[8, 9, 10, 11, 12],
+    p.add_argument("--clean-seeds", type=int, nargs="+", default=[13, 14, 15, 16, 17])
+    p.add_argument("--unseen-seeds", type=int, nargs="+", default=[13, 14, 15, 16, 17],
                    help="the clean seeds first run after every threshold was set: their false alarms are the honest "
                         "count (the others' were seen while choosing)")
     p.add_argument("--baseline-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -156,8 +156,10 @@ def main() -> None:
           f"median over the probes), **wer/sim** (against configs/ci_baseline.json, the mean of seeds "
           f"{args.baseline_seeds}: CI lower end above tolerance {g.wer_tolerance:g} / {g.sim_tolerance:g}). "
           "Mutations run at seed 0 from the committed round-0 policy. Clean seeds marked unseen were first run after "
-          "every threshold above was set; the others were seen while choosing (the probe threshold 0.6 -> 0.4, the "
-          "defect test's unit, the movement threshold).", "",
+          "the round's size (96 texts x 4 samples) and every threshold above were set, from the baseline seeds and "
+          "from the table this one replaces (48 texts a round, commit beffd1e: 1 false alarm in 5 unseen seeds, "
+          "seed 11, whose round removed too few pauses; seeds 11 and 12 were also tried at 96 texts while "
+          "choosing); the others were seen while choosing.", "",
           "| kind | run | defect rate r0 -> final [CI of change] | pause probes preferred | probe movement (nats) | "
           "WER worse-by [CI] | SIM worse-by [CI] | " + " | ".join(f"{t} caught" for t in TIERS) + " |",
           "|" + "---|" * (7 + len(TIERS))]

@@ -364,7 +364,7 @@ def test_gate_passes_a_rerun_of_the_same_config(ci_run, ci_overrides, tmp_path, 
 def test_gate_fails_a_run_that_kept_its_defect_or_lost_the_probes(ci_run, tmp_path, capsys):
     """The gate's checks of a run against its own round 0: the CI loop's rounds must cut the pause-defect rate and
     prefer the pause probes more than round 0 did; a copy whose final round pauses as round 0 did, or whose probes
-    read 0.25 (under ci.yaml's 0.4), fails with the reason, against the same baseline the real run passes."""
+    read 0.167 (2 of 12, under ci.yaml's 0.25), fails with the reason, against the same baseline the real run passes."""
     from align.cli import main
 
     baseline = tmp_path / "baseline.json"
@@ -384,10 +384,10 @@ def test_gate_fails_a_run_that_kept_its_defect_or_lost_the_probes(ci_run, tmp_pa
     lost = tmp_path / "lost"
     shutil.copytree(ci_run, lost)
     summary = json.loads((lost / "round_002" / "eval" / "summary.json").read_text())
-    summary["probe_accuracy_pause"] = 0.25
+    summary["probe_accuracy_pause"] = 2 / 12
     (lost / "round_002" / "eval" / "summary.json").write_text(json.dumps(summary))
     assert main(["gate", str(lost), "--baseline", str(baseline)]) == 1
-    assert capsys.readouterr().out.startswith("gate FAIL: pause probes preferred over round 0: 0.250")
+    assert capsys.readouterr().out.startswith("gate FAIL: pause probes preferred over round 0: 0.167")
 
 
 def test_a_baseline_of_several_runs_is_their_per_utterance_mean(ci_run, tmp_path):

@@ -67,8 +67,8 @@ class GrowingLayer(DynamicLayer):
 
 
 class GrowingCache(DynamicCache):
-    """A ``DynamicCache`` of ``GrowingLayer``s: pass ``past_key_values=GrowingCache()`` to ``generate`` (sampling or
-    greedy; one cache per call)."""
+    """A ``DynamicCache`` of ``GrowingLayer``s: pass ``cache=GrowingCache()`` to ``generate`` (sampling or greedy;
+    one cache per call; transformers 5 deprecates the ``past_key_values=`` spelling)."""
 
     def __init__(self):
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)

@@ -356,7 +356,8 @@ class GRPOStageConfig:
     reward: str = field(default="reward_model", metadata={
         "help": "reward_model: a reward model trained on the round's pairs (train.reward); wer: -WER of the "
                 "rendered completion; wer_sim: -WER + sim_weight x SIM (ASR + speaker encoder per completion: slow); "
-                "pause: 1 for a completion without the pause defect, 0 with it (eval/defects.py; no ASR)"})
+                "pause: 1 for a completion without the pause defect, 0 with it (eval/defects.py; no ASR); "
+                "ear: exp(-NLL) of the text's phones under the second ear (eval.ear; no Griffin-Lim, no ASR)"})
     steps: int = field(default=8, metadata={"help": "optimiser steps"})
     learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     num_generations: int = field(default=4, metadata={"help": "completions per prompt (the group)"})
@@ -371,11 +372,11 @@ class GRPOStageConfig:
     loss_type: str = field(default="dapo", metadata={"help": "trl.GRPOConfig loss_type: grpo, dr_grpo, dapo, bnpo, ..."})
     sim_weight: float = field(default=1.0, metadata={"help": "wer_sim: weight of SIM against -WER"})
     pause_weight: float = field(default=0.0, metadata={
-        "help": "wer / wer_sim: subtracted from the reward of a completion with the pause defect (eval/defects.py)"})
+        "help": "wer / wer_sim / ear: subtracted from the reward of a completion with the pause defect (eval/defects.py)"})
 
     def __post_init__(self):
-        if self.reward not in ("reward_model", "wer", "wer_sim", "pause"):
-            raise ValueError(f"train.grpo.reward={self.reward!r}: choose reward_model, wer, wer_sim or pause")
+        if self.reward not in ("reward_model", "wer", "wer_sim", "pause", "ear"):
+            raise ValueError(f"train.grpo.reward={self.reward!r}: choose reward_model, wer, wer_sim, pause or ear")
         if self.pause_weight < 0:
             raise ValueError(f"train.grpo.pause_weight={self.pause_weight} must be >= 0 (it is subtracted)")
         if self.num_generations < 2:

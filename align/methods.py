@@ -459,26 +459,33 @@ class StreamReward:
 
 
 def speech_reward(wer: float | None, sim: float, frames: int, sim_weight: float, pause: float = 0.0,
-                  pause_weight: float = 0.0) -> float:
-    """GRPO's direct reward of one rendered completion: (1 - min(WER, 1)) + sim_weight x SIM - pause_weight x pause
-    (pause: 1.0 when the pause detector finds the defect), and 0 for a completion with no frames (it said nothing; as
-    Koel-TTS's reward gives runaway or empty outputs 0). wer None (``train.grpo.reward: pause``): 1 - pause."""
+                  pause_weight: float = 0.0, ear_nll: float | None = None) -> float:
+    """GRPO's direct reward of one rendered completion: content + sim_weight x SIM - pause_weight x pause (pause: 1.0
+    when the pause detector finds the defect), and 0 for a completion with no frames (it said nothing; as Koel-TTS's
+    reward gives runaway or empty outputs 0). The content term is 1 - min(WER, 1) (pocketsphinx), or exp(-ear_nll)
+    where the second ear judges (``train.grpo.reward: ear``): the geometric mean of the probabilities of the text's
+    phones, in (0, 1] like 1 - WER but continuous. Neither (``reward: pause``): 1 - pause."""
     if frames == 0:
         return 0.0
-    if wer is None:
+    if ear_nll is not None:
+        content = math.exp(-max(float(ear_nll), 0.0))
+    elif wer is not None:
+        content = 1.0 - min(float(wer), 1.0)
+    else:
         return 1.0 - float(pause)
-    return (1.0 - min(float(wer), 1.0)) + sim_weight * float(sim) - pause_weight * float(pause)
+    return content + sim_weight * float(sim) - pause_weight * float(pause)
 
 
 def _direct_reward(ctx: "Context", k: int, policy, kind: str) -> Callable:
     """``speech_reward`` of each completion rendered through round k-1's renderer and codec, judged by the run's
-    scorers (the pair stage's ``SCORERS``): kind wer, wer_sim or pause (``train.grpo.reward``), minus
+    scorers (the pair stage's ``SCORERS``): kind wer, wer_sim, pause or ear (``train.grpo.reward``), minus
     ``train.grpo.pause_weight`` x the pause detector's verdict."""
     from align.pairs import SCORERS, SampleBatch
 
     gcfg = ctx.cfg.train.grpo
     wer_fn = SCORERS["wer"](ctx) if kind in ("wer", "wer_sim") else None
     sim_fn = SCORERS["sim"](ctx) if kind == "wer_sim" else None
+    ear_fn = SCORERS["ear_nll"](ctx) if kind == "ear" else None
     pause_fn = SCORERS["pause"](ctx) if kind == "pause" or gcfg.pause_weight > 0 else None
     w = gcfg.sim_weight if kind == "wer_sim" else 0.0
 
@@ -490,9 +497,11 @@ def _direct_reward(ctx: "Context", k: int, policy, kind: str) -> Callable:
         n = len(streams)
         wers = wer_fn(batch) if wer_fn else [None] * n
         sims = sim_fn(batch) if sim_fn else [0.0] * n
+        nlls = ear_fn(batch) if ear_fn else [None] * n
         pauses = pause_fn(batch) if pause_fn else [0.0] * n
         frames = [sum(1 for x in c if x >= 0) for c in streams]
-        return [speech_reward(a, b, f, w, p, gcfg.pause_weight) for a, b, f, p in zip(wers, sims, frames, pauses)]
+        return [speech_reward(a, b, f, w, p, gcfg.pause_weight, ear_nll=e)
+                for a, b, f, p, e in zip(wers, sims, frames, pauses, nlls)]
 
     return score
 

@@ -1,4 +1,6 @@
 """Configs: every shipped YAML loads; unknown keys and bad values fail with the key and the fix."""
+import math
+
 import pytest
 
 from align.config import RunConfig, load_config
@@ -187,6 +189,10 @@ def test_scorers_of_pairing_rewards_and_evaluation_come_from_one_eval_section(tm
     monkeypatch.setattr(pairs, "SampleBatch", lambda ctx, k, rows: Batch())
     reward = methods._direct_reward(ctx, 1, policy=None, kind="wer_sim")  # GRPO's direct reward
     assert reward(["p"], [[1, 2]], [{"utt_id": "u1", "prompt_id": "u0", "text": "hello"}]) == [1.5]  # 1 - WER + SIM
+    # reward: ear asks the second ear's NLL (a stub here: a NLL of ln 4 per phone) and nothing of ASR or SIM
+    monkeypatch.setitem(pairs.SCORERS, "ear_nll", lambda ctx: lambda batch: [math.log(4.0)] * len(batch.rows))
+    reward = methods._direct_reward(ctx, 1, policy=None, kind="ear")
+    assert reward(["p"], [[1, 2]], [{"utt_id": "u1", "prompt_id": "u0", "text": "hello"}]) == [pytest.approx(0.25)]
     assert ctx.scorers is ctx.scorers                          # evaluation scores with ctx.scorers too
     # each backend built once, with the configured model, for all three users
     assert built == [("asr", {"model_dir": "/models/my-pocketsphinx"}), ("speaker", {"device": "cpu"})]

@@ -238,6 +238,11 @@ def test_grpo_rewards_read_completion_ids():
     assert methods.speech_reward(0.25, 0.8, frames=10, sim_weight=0.5) == pytest.approx(1.15)
     assert methods.speech_reward(3.0, 0.8, frames=10, sim_weight=0.0) == 0.0  # WER above 1 counts as 1
     assert methods.speech_reward(0.0, 0.9, frames=0, sim_weight=1.0) == 0.0  # said nothing: 0
+    # the second ear's reward: exp(-NLL per phone), the pause detector subtracted, silence still 0
+    assert methods.speech_reward(None, 0.0, frames=10, sim_weight=0.0, ear_nll=math.log(2)) == pytest.approx(0.5)
+    assert methods.speech_reward(None, 0.0, frames=10, sim_weight=0.0, pause=1.0, pause_weight=0.25,
+                                 ear_nll=0.0) == pytest.approx(0.75)
+    assert methods.speech_reward(None, 0.0, frames=0, sim_weight=0.0, ear_nll=0.0) == 0.0
 
 
 def test_reward_model_ranks_golden_over_corrupted(tmp_path):

@@ -36,6 +36,7 @@ BaseStageName = Literal["sft", "speechgpt", "speechgpt_gen"]
 PairStrategyName = Literal["golden_vs_synthetic", "ranked_samples", "human", "mixed"]
 PairScorerName = Literal["wer", "sim", "dnsmos", "pause", "per", "ear_nll"]
 MethodName = Literal["dpo", "sft_control", "reward_bon", "grpo", "coh"]
+GRPORewardName = Literal["reward_model", "wer", "wer_sim", "pause", "ear"]
 
 
 @dataclass
@@ -353,7 +354,7 @@ class PairConfig:
 class GRPOStageConfig:
     """RL through trl.GRPOTrainer: group-relative advantages over num_generations samples per prompt."""
 
-    reward: str = field(default="reward_model", metadata={
+    reward: GRPORewardName = field(default="reward_model", metadata={
         "help": "reward_model: a reward model trained on the round's pairs (train.reward); wer: -WER of the "
                 "rendered completion; wer_sim: -WER + sim_weight x SIM (ASR + speaker encoder per completion: slow); "
                 "pause: 1 for a completion without the pause defect, 0 with it (eval/defects.py; no ASR); "
@@ -375,8 +376,7 @@ class GRPOStageConfig:
         "help": "wer / wer_sim / ear: subtracted from the reward of a completion with the pause defect (eval/defects.py)"})
 
     def __post_init__(self):
-        if self.reward not in ("reward_model", "wer", "wer_sim", "pause", "ear"):
-            raise ValueError(f"train.grpo.reward={self.reward!r}: choose reward_model, wer, wer_sim, pause or ear")
+        check_choice(self.reward, GRPORewardName, "train.grpo.reward")
         if self.pause_weight < 0:
             raise ValueError(f"train.grpo.pause_weight={self.pause_weight} must be >= 0 (it is subtracted)")
         if self.num_generations < 2:
